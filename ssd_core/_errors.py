@@ -1,0 +1,63 @@
+"""The exception hierarchy.
+
+Everything the library raises on purpose derives from :class:`SSDError`. The tree splits
+the way h11's does: *you* broke the rules (bad configuration or input, misuse of a
+handle), a *backend* broke the Model protocol, or *we* did (an internal bug). Each leaf
+also subclasses the matching builtin so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendContractError",
+    "CapacityError",
+    "ConfigError",
+    "HandleError",
+    "InputError",
+    "InternalError",
+    "MachineError",
+    "SSDError",
+    "UnknownOptionError",
+]
+
+
+class SSDError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class ConfigError(SSDError, ValueError):
+    """A configuration value is out of range or inconsistent (K, fan-out, C, sampling)."""
+
+
+class UnknownOptionError(ConfigError):
+    """A name (mode, driver, fallback, backend) is not one of the known choices."""
+
+
+class InputError(SSDError, ValueError):
+    """A request is malformed: empty prompt, token id outside the vocabulary, ..."""
+
+
+class HandleError(SSDError, KeyError):
+    """A sequence handle is unknown, already closed, or used past its length."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want a sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+class CapacityError(SSDError, RuntimeError):
+    """A backend cannot hold more tokens or more sequences than it was built for."""
+
+
+class BackendContractError(SSDError, RuntimeError):
+    """A backend broke the Model protocol (wrong shape, NaN/inf logits, bad handle).
+
+    The message names the backend and the request that produced the bad answer.
+    """
+
+
+class MachineError(SSDError, RuntimeError):
+    """The state machine was driven wrongly, or is in its ERROR state after a failure."""
+
+
+class InternalError(SSDError, RuntimeError):
+    """An invariant of this library failed: a bug here, please report it."""
