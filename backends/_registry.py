@@ -13,6 +13,7 @@ The ``ssd`` command then accepts ``--backend mybackend`` and model specs of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -23,6 +24,12 @@ from ssd_core import Model, UnknownOptionError
 __all__ = ["BackendSpec", "available_backends", "load_backend"]
 
 GROUP = "ssd.backends"
+
+#: The in-house backends, so a source checkout finds them without being installed.
+#: Entry points with the same name take precedence.
+IN_HOUSE = {
+    "reference": "backends.reference:BACKEND",
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -47,8 +54,10 @@ class BackendSpec:
 
 
 def available_backends() -> dict[str, str]:
-    """Names of the installed backends mapped to their entry-point targets (no import)."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    """Backend names mapped to their ``module:attribute`` targets (nothing is imported)."""
+    found = dict(IN_HOUSE)
+    found.update({ep.name: ep.value for ep in entry_points(group=GROUP)})
+    return found
 
 
 def load_backend(name: str) -> BackendSpec:
@@ -57,13 +66,12 @@ def load_backend(name: str) -> BackendSpec:
     Raises:
         UnknownOptionError: no backend of that name is installed.
     """
-    for ep in entry_points(group=GROUP):
-        if ep.name == name:
-            spec = ep.load()
-            if not isinstance(spec, BackendSpec):
-                raise UnknownOptionError(
-                    f"entry point {ep.value!r} for backend {name!r} is not a BackendSpec"
-                )
-            return spec
-    known = ", ".join(sorted(available_backends())) or "none"
-    raise UnknownOptionError(f"unknown backend {name!r}; installed backends: {known}")
+    targets = available_backends()
+    if name not in targets:
+        known = ", ".join(sorted(targets)) or "none"
+        raise UnknownOptionError(f"unknown backend {name!r}; installed backends: {known}")
+    module_name, _, attr = targets[name].partition(":")
+    spec = getattr(import_module(module_name), attr)
+    if not isinstance(spec, BackendSpec):
+        raise UnknownOptionError(f"{targets[name]!r} for backend {name!r} is not a BackendSpec")
+    return spec
