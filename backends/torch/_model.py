@@ -58,6 +58,20 @@ def _crop(state: KV | None, length: int) -> KV | None:
     return tuple((k[..., :length, :], v[..., :length, :]) for k, v in state)
 
 
+def _prune_layers(module: Any, keep: int) -> None:
+    """Keep the first ``keep`` decoder layers of a Llama-style HF model, in place."""
+    base = getattr(module, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not 1 <= keep <= len(layers):
+        n = "no" if layers is None else len(layers)
+        raise ConfigError(f"torch backend: cannot keep {keep} layers of a model with {n} decoder layers")
+    base.layers = layers[:keep]
+    config = module.config
+    config.num_hidden_layers = keep
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:keep]
+
+
 class TorchModel:
     """A PyTorch causal LM (Hugging Face or plain module) as an :class:`ssd_core.Model`.
 
@@ -178,7 +192,7 @@ class TorchModel:
             extra = []
         if vocab_size is None:
             raise ConfigError("torch backend: pass vocab_size= for a module without one")
-        if tokenizer is not None and not hasattr(tokenizer, "eos_token_ids"):
+        if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):  # a transformers tokenizer
             tokenizer = HFTokenizer(tokenizer, extra)
         return cls(runner, network=module, vocab_size=int(vocab_size), context_size=context_size,
                    device=dev, name=name, tokenizer=tokenizer, **kwargs)
@@ -192,6 +206,7 @@ class TorchModel:
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype | None = "float32",
         load_tokenizer: bool = True,
+        keep_layers: int | None = None,
         **kwargs: Any,
     ) -> TorchModel:
         """Load a local transformers model directory or GGUF file (never the hub).
@@ -202,6 +217,8 @@ class TorchModel:
             device: where to put the weights.
             dtype: weight and compute dtype (GGUF weights are dequantised first).
             load_tokenizer: also load the tokenizer from the same files.
+            keep_layers: keep only the first ``keep_layers`` decoder layers (a cheap,
+                poor draft made from the target itself; Llama-style models only).
             **kwargs: passed to :meth:`from_module`.
 
         Returns:
@@ -223,6 +240,8 @@ class TorchModel:
             module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **extra)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"torch backend: cannot load {path!r}: {exc}") from exc
+        if keep_layers is not None:
+            _prune_layers(module, keep_layers)
         tokenizer = None
         if load_tokenizer:
             try:
@@ -249,7 +268,7 @@ class TorchModel:
         """
         news = self._table.check_extend(requests)
         rows = []
-        for (handle, _), new in zip(requests, news):
+        for (handle, _), new in zip(requests, news, strict=False):
             toks = self._table.tokens(handle)
             state = self._kv[handle]
             done = _length(state)
@@ -262,7 +281,7 @@ class TorchModel:
             logits = torch.cat([r[0] for r in results]) if len(results) > 1 else results[0][0]
             self._check(logits, sum(r.n_new for r in rows))
         states = [s for r in results for s in r[1]]
-        for row, new, state in zip(rows, news, states):
+        for row, new, state in zip(rows, news, states, strict=False):
             self._table.tokens(row.handle).extend(new)
             self._kv[row.handle] = state
         return self._ctx.hand_over(logits)
@@ -307,10 +326,7 @@ class TorchModel:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         attn = torch.tensor(mask, dtype=torch.bool, device=dev) if padded else None
-        if len(rows) == 1:
-            past = rows[0].state
-        else:
-            past = stack_past([r.state for r in rows], width_p)
+        past = rows[0].state if len(rows) == 1 else stack_past([r.state for r in rows], width_p)
         keep = width_t - min(len(r.inputs) - r.n_new for r in rows)
         out, new_past = self._runner.forward(input_ids, positions, past, attn, keep)
         if out.dim() != 3 or out.shape[0] != len(rows) or out.shape[-1] != self.vocab_size:

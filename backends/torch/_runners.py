@@ -97,7 +97,7 @@ class HFRunner(Runner):
         if layers is not None:  # transformers >= 4.56
             return tuple((layer.keys, layer.values) for layer in layers)
         if hasattr(cache, "key_cache"):  # older 4.x
-            return tuple(zip(cache.key_cache, cache.value_cache))
+            return tuple(zip(cache.key_cache, cache.value_cache, strict=False))
         return tuple((k, v) for k, v in cache.to_legacy_cache())
 
     def forward(

@@ -8,7 +8,6 @@ torch = pytest.importorskip("torch")
 
 from ssd_core import BackendContractError, CapacityError, ConfigError, HandleError, InputError  # noqa: E402
 
-
 ATOL = 1e-4
 PROMPT = [3, 17, 42, 5, 88, 1, 60]
 
@@ -82,16 +81,16 @@ def test_batched_equals_separate(kind, batching, th):
     # compute some prefixes first so the batch mixes computed and lazy parts
     model.extend([(handles[0], [8])])
     prompts[0] = prompts[0] + [8]
-    out = model.extend(list(zip(handles, news)))
+    out = model.extend(list(zip(handles, news, strict=False)))
     assert out.shape == (sum(map(len, news)), th.VOCAB)
     row = 0
-    for p, n in zip(prompts, news):
+    for p, n in zip(prompts, news, strict=False):
         ref = th.full_logits(model, p + n)[-len(n):]
         assert close(out[row : row + len(n)], ref)
         row += len(n)
     # and the states left behind are right
     out2 = model.extend([(h, [9]) for h in handles])
-    for i, (p, n) in enumerate(zip(prompts, news)):
+    for i, (p, n) in enumerate(zip(prompts, news, strict=False)):
         assert close(out2[i], th.full_logits(model, p + n + [9])[-1])
 
 
