@@ -22,9 +22,13 @@ from ._machine import TRANSITIONS, Machine, Phase, Speculation
 from ._metrics import Metrics
 from ._protocol import Handle, Model, Tokenizer
 from ._random import RandomSource, SeededSource
+from ._registry import BackendSpec, available_backends, load_backend
 
 __all__ = [
     "TRANSITIONS",
+    "BackendSpec",
+    "available_backends",
+    "load_backend",
     "GenerateResult",
     "GenerationError",
     "Lane",
