@@ -52,11 +52,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
-    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = {b: _load(args.model, b, args.device, args.dtype) for b in ("pad", "loop")}
     log.info("model=%s device=%s dtype=%s tokens/seq=%d prompt=%d threads=%d",
              args.model, args.device, args.dtype, args.tokens, args.prompt, torch.get_num_threads())

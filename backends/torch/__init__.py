@@ -9,7 +9,8 @@ Install with the ``[torch]`` extra. Model specs for the CLI (``torch:ARGS``):
 
 Engine options (the CLI passes one dict per role): ``device`` (``"cpu"``, ``"cuda:0"``,
 ...), ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``), ``batching``
-(``"auto"``, ``"pad"``, ``"loop"``), ``context_size``. See docs/torch.md.
+(``"auto"``, ``"pad"``, ``"loop"``), ``context_size``, ``threads`` (torch's intra-op
+thread count; process-wide, so the last model loaded sets it). See docs/torch.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from ssd_core import ConfigError
 
-from .._registry import BackendSpec
+from ssd_core import BackendSpec
 from ._model import TorchModel
 from ._runners import PLAIN_FORWARD_DOC
 from ._tiny import TinyTransformer
@@ -69,6 +70,12 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
         "device": options.get("device") or "cpu",
         "dtype": options.get("dtype") or "float32",
     }
+    threads = options.get("threads")
+    if threads:
+        import torch
+
+        # process-wide: torch has one intra-op pool shared by every model
+        torch.set_num_threads(int(threads))
     for key in ("batching", "context_size", "use_stream", "check_finite"):
         if options.get(key) is not None:
             kw[key] = options[key]

@@ -8,6 +8,11 @@ torch = pytest.importorskip("torch")
 
 from backends.torch import TinyTransformer, TorchModel  # noqa: E402
 
+# One intra-op thread: these models are tiny, and on a small shared machine OpenMP's
+# spin-waiting threads make each op ~60x slower under contention (measured: SDPA on a
+# 36x4x1x40 batch, 15 ms with 2 threads and other work running, 0.23 ms with 1).
+torch.set_num_threads(1)
+
 VOCAB = 96
 
 
