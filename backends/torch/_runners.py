@@ -83,7 +83,8 @@ class HFRunner(Runner):
         params = inspect.signature(model.forward).parameters
         # transformers 5.x renamed the keyword; 4.x only knows past_key_values.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = "logits_to_keep" in params
+        # 4.45-4.47 called it num_logits_to_keep
+        self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
     def _make_cache(self, past: KV | None) -> Any:
         cache = self._cache_cls()
@@ -118,7 +119,7 @@ class HFRunner(Runner):
             "return_dict": True,
         }
         if self._keep_kw:
-            kwargs["logits_to_keep"] = logits_to_keep
+            kwargs[self._keep_kw] = logits_to_keep
         out = self._model(**kwargs)
         return out.logits, self._read_cache(cache)
 

@@ -1,0 +1,78 @@
+"""The Hugging Face adapter across transformers versions: keyword names and cache layouts."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from backends.torch import TorchModel  # noqa: E402
+from backends.torch._runners import HFRunner  # noqa: E402
+
+PROMPT = [3, 17, 42, 5, 88, 1, 60]
+
+
+class _Legacy4x(torch.nn.Module):
+    """Looks like a transformers 4.x model: ``past_key_values=`` and ``num_logits_to_keep=``."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.seen: list[str] = []
+
+    def can_generate(self) -> bool:
+        return True
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=None, return_dict=None, num_logits_to_keep=0):
+        self.seen.append("past_key_values")
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, cache=past_key_values, use_cache=use_cache,
+                          logits_to_keep=num_logits_to_keep)
+
+
+def test_legacy_keywords(th):
+    legacy = _Legacy4x(th.tiny_llama(0))
+    runner = HFRunner(legacy)
+    assert runner._cache_kw == "past_key_values" and runner._keep_kw == "num_logits_to_keep"
+    model = TorchModel.from_module(legacy)
+    ref = TorchModel.from_module(th.tiny_llama(0))
+    a, b = model.open(PROMPT), ref.open(PROMPT)
+    assert torch.allclose(model.extend([(a, [1, 2])]), ref.extend([(b, [1, 2])]), atol=1e-5)
+    assert legacy.seen
+
+
+def test_current_keywords(th):
+    runner = HFRunner(th.tiny_llama(0))
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    assert runner._cache_kw == ("cache" if major >= 5 else "past_key_values")
+    assert runner._keep_kw is not None
+
+
+def test_read_cache_layouts():
+    k, v = torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4)
+
+    class Layer:
+        keys, values = k, v
+
+    class New:
+        layers = [Layer(), Layer()]
+
+    class Old:
+        key_cache = [k, k]
+        value_cache = [v, v]
+
+    class Legacy:
+        def to_legacy_cache(self):
+            return ((k, v),)
+
+    for cache, n in ((New(), 2), (Old(), 2), (Legacy(), 1)):
+        out = HFRunner._read_cache(cache)
+        assert len(out) == n and out[0][0] is k and out[0][1] is v
