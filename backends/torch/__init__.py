@@ -20,9 +20,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import ConfigError
+from ssd_core import BackendSpec, ConfigError
 
-from ssd_core import BackendSpec
 from ._model import TorchModel
 from ._runners import PLAIN_FORWARD_DOC
 from ._tiny import TinyTransformer
