@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._api import GenerateResult, GenerationError, StreamEvent, generate, stream
+from ._api import GenerateResult, GenerationError, Stream, StreamEvent, generate, stream
 from ._config import SamplingParams, SSDConfig
 from ._errors import (
     BackendContractError,
@@ -40,6 +40,7 @@ __all__ = [
     "SamplingParams",
     "SeededSource",
     "Speculation",
+    "Stream",
     "StreamEvent",
     "generate",
     "geometric_fanout",

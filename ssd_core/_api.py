@@ -16,7 +16,7 @@ from ._metrics import Metrics
 from ._protocol import Model
 from ._random import RandomSource, SeededSource
 
-__all__ = ["GenerateResult", "GenerationError", "StreamEvent", "generate", "stream"]
+__all__ = ["GenerateResult", "GenerationError", "Stream", "StreamEvent", "generate", "stream"]
 
 
 @attrs.frozen(kw_only=True)
@@ -170,6 +170,44 @@ class _Run:
         )
 
 
+class Stream:
+    """The iterator :func:`stream` returns: :class:`StreamEvent` values as rounds
+    commit tokens; :meth:`result` once it is exhausted; :meth:`close` (or leaving a
+    ``with`` block) to stop early, which releases every handle and thread."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._events = run.events()
+        self._finished = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        try:
+            return next(self._events)
+        except StopIteration:
+            self._finished = True
+            raise
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def result(self) -> GenerateResult:
+        """Tokens and metrics so far (complete once the stream is exhausted)."""
+        return self._run.result()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+
 def _vocab_size(model: Any, role: str) -> int:
     v = getattr(model, "vocab_size", None)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -189,15 +227,16 @@ def stream(
     driver: str = "sequential",
     seed: int = 0,
     source: RandomSource | None = None,
-) -> Iterator[StreamEvent]:
+) -> Stream:
     """Generate like :func:`generate`, yielding tokens as each round commits them.
 
     Every input is validated when ``stream`` is called, before any model call.
     Abandoning the iterator early closes every handle and stops the driver's
     threads.
 
-    Yields:
-        :class:`StreamEvent` values: (prompt index, newly committed tokens).
+    Returns:
+        A :class:`Stream` of :class:`StreamEvent` values (prompt index, newly
+        committed tokens); ``.result()`` gives the :class:`GenerateResult` at the end.
 
     Raises:
         ConfigError, InputError, UnknownOptionError: bad arguments (before any work).
@@ -207,7 +246,7 @@ def stream(
         target, draft, prompts, mode=mode, max_new_tokens=max_new_tokens, sampling=sampling,
         config=config, driver=driver, seed=seed, source=source,
     )  # fmt: skip
-    return run.events()
+    return Stream(run)
 
 
 def generate(

@@ -244,7 +244,8 @@ def accept_probabilities(p: Array, q: Array, tokens: Sequence[int]) -> list[floa
     idx = xp.asarray(list(tokens), dtype=xp.int64, device=compat.device(p))
     p_d = _column(xp, p, idx)
     q_d = _column(xp, q, idx) / xp.sum(q, axis=1)
-    ratio = to_host(p_d / q_d)
+    # q_d > 0 for any token really drawn from q; guard the division all the same.
+    ratio = to_host(p_d / xp.where(q_d > 0, q_d, xp.ones_like(q_d)))
     return [min(1.0, float(r)) for r in ratio]
 
 
