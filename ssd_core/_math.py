@@ -58,7 +58,7 @@ def move_like(x: Array, like: Array) -> Array:
 
 
 def check_logits(x: Array, rows: int, vocab_size: int, *, who: str, what: str) -> Array:
-    """Validate a backend's logits and return them as float64.
+    """Validate a backend's logits (one pass: the row maxima) and return them as given.
 
     Raises:
         BackendContractError: wrong shape, NaN or +inf, or a row with no finite entry.
@@ -74,10 +74,9 @@ def check_logits(x: Array, rows: int, vocab_size: int, *, who: str, what: str) -
         raise BackendContractError(
             f"backend {who!r} returned logits of dtype {x.dtype} for {what}; expected a real float"
         )
-    x = xp.astype(x, xp.float64)
     if rows:
-        bad = xp.any(xp.isnan(x)) | xp.any(x == math.inf) | xp.any(xp.all(x == -math.inf, axis=1))
-        if bool(bad):
+        # NaN propagates through max; +inf or an all -inf row shows in the row maximum.
+        if not bool(xp.all(xp.isfinite(xp.max(x, axis=1)))):
             raise BackendContractError(
                 f"backend {who!r} returned NaN, +inf or an all -inf row for {what}"
             )
@@ -160,7 +159,7 @@ def target_probs(logits: Array, params: Sequence[Any]) -> Array:
     if all(greedy):
         return _onehot_argmax(xp, logits)
     t_arr = xp.asarray([t if t > 0 else 1.0 for t in temps], dtype=xp.float64, device=dev)
-    z = logits / t_arr[:, None]
+    z = xp.astype(logits, xp.float64) / t_arr[:, None]
     neg_inf = xp.asarray(-math.inf, dtype=xp.float64, device=dev)
 
     top_k = [int(p.top_k) if int(p.top_k) > 0 else v for p in params]
@@ -212,6 +211,8 @@ def draft_weights(
     greedy = [t == 0.0 for t in temperatures]
     if all(greedy):
         return _onehot_argmax(xp, logits)
+    if isinstance(logits, np.ndarray) and not any(greedy):
+        return _draft_weights_numpy(logits, temperatures, fanouts, saguaro_c)
     t_arr = xp.asarray([t if t > 0 else 1.0 for t in temperatures], dtype=xp.float64, device=dev)
     z = logits / t_arr[:, None]
     z = z - xp.max(z, axis=1, keepdims=True)
@@ -228,6 +229,46 @@ def draft_weights(
         g = xp.asarray(greedy, device=dev)
         w = xp.where(g[:, None], _onehot_argmax(xp, logits), w)
     return w
+
+
+def _draft_weights_numpy(
+    z: np.ndarray, temperatures: Sequence[float], fanouts: Sequence[int], saguaro_c: float
+) -> np.ndarray:
+    """The same weights as the generic path (up to a per-row scale, which sampling and
+    verification both ignore), in the logits' own precision and with as few passes as
+    possible: the tree's many rows make this the core's hottest loop on CPUs."""
+    inv_t = np.asarray([1.0 / t for t in temperatures], dtype=z.dtype)[:, None]
+    top = z.max(axis=1, keepdims=True) * inv_t
+    uniform_t = bool(np.all(inv_t == 1.0))
+    # exp(z / T) needs no shift when every row's maximum is well inside exp's range.
+    shift = not bool(np.all(np.abs(top) < 60.0))
+    if uniform_t and not shift:
+        w = np.exp(z)
+    else:
+        w = z * inv_t if not uniform_t else z.copy()
+        if shift:
+            w -= top
+        np.exp(w, out=w)
+    if saguaro_c < 1.0 and any(f > 0 for f in fanouts):
+        c = w.dtype.type(saguaro_c)
+        for r, f in enumerate(fanouts):
+            if f > 0:
+                row = z[r]
+                np.multiply(w[r], c, out=w[r], where=row >= _kth_largest_row(row, int(f)))
+    return w
+
+
+def _kth_largest_row(row: np.ndarray, k: int) -> float:
+    """The k-th largest entry of a numpy row; partitions only the near-top entries when
+    there are enough of them."""
+    top = row.max()
+    near = row
+    for width in (0.5, 2.0, 8.0):
+        cand = row[row >= top - width]
+        if cand.shape[0] >= k:
+            near = cand
+            break
+    return float(np.partition(near, near.shape[0] - k)[near.shape[0] - k])
 
 
 def accept_probabilities(p: Array, q: Array, tokens: Sequence[int]) -> list[float]:
