@@ -135,7 +135,22 @@ class _Seq:
     t_held: list[int] = attrs.field(factory=list)
     d_handle: Handle = None
     d_held: list[int] = attrs.field(factory=list)
+    #: Raw draft logits rows already computed for the draft handle, by the position of
+    #: the token that was fed (row p predicts token p + 1).
+    d_rows: dict[int, Any] = attrs.field(factory=dict)
     rounds: int = 0
+
+    def plan_draft(self, desired: list[int], first_needed: int) -> tuple[int | None, tuple[int, ...], int]:
+        """Bring the draft handle to ``desired`` so that rows from ``first_needed`` on are
+        known, reusing remembered rows: (truncate-to or None, tokens to feed, first fed
+        position). The handle is recorded as holding ``desired`` from now on."""
+        keep = min(_common_prefix(self.d_held, desired), len(desired) - 1)
+        if any(p not in self.d_rows for p in range(first_needed, keep)):
+            keep = min(keep, first_needed)
+        truncate = keep if keep < len(self.d_held) else None
+        self.d_rows = {p: r for p, r in self.d_rows.items() if first_needed <= p < keep}
+        self.d_held = list(desired)
+        return truncate, tuple(desired[keep:]), keep
 
     @property
     def generated(self) -> list[int]:
@@ -349,13 +364,16 @@ class _DraftJob(_Job):
             return None
         self.in_flight = True
         items = []
+        self.fed_from = []
         for s in self.seqs:
             if self.step == 0:
-                keep, feed = _sync(s.d_held, s.tokens, len(s.tokens) - 1)
-                s.d_held = list(s.tokens)
+                keep, feed, start = s.plan_draft(s.tokens, len(s.tokens) - 1)
+                if not feed:  # the row after the last token is already known
+                    keep, feed, start = (len(s.tokens) - 1, (s.tokens[-1],), len(s.tokens) - 1)
             else:
-                keep, feed = None, (self.tokens[s.index][-1],)
+                keep, feed, start = None, (self.tokens[s.index][-1],), len(s.d_held)
                 s.d_held.append(feed[0])
+            self.fed_from.append(start)
             items.append((s.d_handle, keep, feed))
         return Extend(id=rid, lane=Lane.DRAFT, items=tuple(items), purpose=f"draft:{self.source}")
 
@@ -365,7 +383,9 @@ class _DraftJob(_Job):
         logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="drafting")
         xp = namespace(logits)
         last, offset = [], 0
-        for _, _, feed in request.items:
+        for s, start, (_, _, feed) in zip(self.seqs, self.fed_from, request.items):
+            for j in range(len(feed)):
+                s.d_rows[start + j] = logits[offset + j]
             offset += len(feed)
             last.append(offset - 1)
         rows = xp.take(logits, xp.asarray(last, device=_device(logits)), axis=0)
@@ -396,7 +416,9 @@ class _Branch:
     handle: Handle = None
     tokens: list[int] = attrs.field(factory=list)
     rows: list[Any] = attrs.field(factory=list)
+    raw: list[Any] = attrs.field(factory=list)
     live: bool = True
+    promoted: bool = False
 
 
 class _TreeJob(_Job):
@@ -433,11 +455,12 @@ class _TreeJob(_Job):
         m = self.m
         if self.stage == "glue":
             items = []
+            self.fed_from = []
             for s in self.seqs:
                 desired = s.tokens + list(s.spec.tokens)  # type: ignore[union-attr]
-                keep, feed = _sync(s.d_held, desired, len(s.tokens) - 1)
+                keep, feed, start = s.plan_draft(desired, len(s.tokens) - 1)
                 items.append((s.d_handle, keep, feed))
-                s.d_held = desired
+                self.fed_from.append(start)
             req: Request = Extend(id=rid, lane=Lane.DRAFT, items=tuple(items), purpose="glue")
         else:
             self._sent = [b for b in self.branches if b.live]
@@ -465,10 +488,14 @@ class _TreeJob(_Job):
         if self.stage == "glue":
             assert isinstance(request, Extend)
             logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="glue pass")
+            xp = namespace(logits)
             offset = 0
-            for s, (_, _, feed) in zip(self.seqs, request.items):
+            for s, start, (_, _, feed) in zip(self.seqs, self.fed_from, request.items):
+                for j in range(len(feed)):
+                    s.d_rows[start + j] = logits[offset + j]
                 offset += len(feed)
-                self.glue[s.index] = logits[offset - m.k - 1 : offset]
+                first = len(s.tokens) - 1
+                self.glue[s.index] = xp.stack([s.d_rows[p] for p in range(first, first + m.k + 1)])
             self._plan_branches()
             self.stage = "fork"
             if not self.branches:
@@ -499,6 +526,7 @@ class _TreeJob(_Job):
             for i, b in enumerate(live):
                 b.tokens.append(drawn[i])
                 b.rows.append(w[i])
+                b.raw.append(logits[i])
             self.step += 1
             if self.step == m.k:
                 self.done = True
@@ -518,13 +546,13 @@ class _TreeJob(_Job):
                         continue
                     self.branches.append(_Branch(seq=s, k=k, token=t))
 
-    def lookup(self, seq: _Seq, outcome: Outcome) -> Speculation | None:
+    def lookup(self, seq: _Seq, outcome: Outcome) -> _Branch | None:
+        """The complete cached branch for this outcome, if the cache has one."""
         for b in self.branches:
             if b.seq is seq and b.k == outcome.accepted and b.token == outcome.token:
                 if len(b.tokens) != self.m.k:
                     raise InternalError("a cached branch was used before it was complete")
-                xp = namespace(b.rows[0])
-                return Speculation(tokens=tuple(b.tokens), q=xp.stack(b.rows), source="cache")
+                return b
         return None
 
     def rank(self, seq: _Seq, outcome: Outcome) -> int | None:
@@ -539,7 +567,7 @@ class _TreeJob(_Job):
         return int(np.sum(z > z[t]) + np.sum(z[:t] == z[t]) + 1)
 
     def handles(self) -> list[Handle]:
-        return [b.handle for b in self.branches if b.handle is not None]
+        return [b.handle for b in self.branches if b.handle is not None and not b.promoted]
 
 
 # -- the machine ----------------------------------------------------------------------
@@ -802,6 +830,7 @@ class Machine:
         self._round_s.append(max(verify.busy_s, tree.busy_s if tree else 0.0))
         need_draft: list[_Seq] = []
         fast_seqs: list[_Seq] = []
+        retired: list[Handle] = []
         for s in verify.seqs:
             o = verify.outcomes[s.index]
             spec = s.spec
@@ -850,12 +879,21 @@ class Machine:
                     m.hits_after_primary += 1
                 else:
                     m.hits_after_backup += 1
-                s.spec = hit
+                xp = namespace(hit.rows[0])
+                s.spec = Speculation(tokens=tuple(hit.tokens), q=xp.stack(hit.rows), source="cache")
+                # The hit branch already holds the new context and its draft rows: it
+                # becomes the sequence's draft handle, so the next glue pass feeds 1 token.
+                retired.append(s.d_handle)
+                hit.promoted = True
+                first = len(s.tokens) - 1
+                s.d_handle = hit.handle
+                s.d_held = s.tokens + hit.tokens[:-1]
+                s.d_rows = {first + j: row for j, row in enumerate(hit.raw)}
             else:
                 s.spec = None
                 fast_seqs.append(s)
         if tree is not None:
-            self._queues[Lane.DRAFT].append(_CloseJob(Lane.DRAFT, tree.handles()))
+            self._queues[Lane.DRAFT].append(_CloseJob(Lane.DRAFT, tree.handles() + retired))
         if fast_seqs:
             kind = self.config.fallback
             if kind == "auto":
