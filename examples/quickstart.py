@@ -1,6 +1,6 @@
 """AR, SD and SSD on exact reference models: same greedy tokens, different work.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 from backends.reference import ReferenceModel
@@ -12,8 +12,15 @@ draft = ReferenceModel.perturbed(target, divergence=0.5, seed=2)
 greedy = SamplingParams(temperature=0.0)
 config = SSDConfig(k=4, fanout=12)
 runs = {
-    mode: generate(target, draft, prompts=[[1, 2, 3]], mode=mode, max_new_tokens=48,
-                   sampling=greedy, config=config)
+    mode: generate(
+        target,
+        draft,
+        prompts=[[1, 2, 3]],
+        mode=mode,
+        max_new_tokens=48,
+        sampling=greedy,
+        config=config,
+    )
     for mode in ("ar", "sd", "ssd")
 }
 for mode, r in runs.items():
@@ -22,7 +29,14 @@ assert runs["ar"].tokens == runs["sd"].tokens == runs["ssd"].tokens
 print("greedy tokens identical in all three modes:", runs["ssd"].tokens[0][:16], "...")
 
 # Sampling at temperature 1 with Saguaro sampling: same distribution as the target.
-r = generate(target, draft, prompts=[[1, 2, 3], [9]], mode="ssd", max_new_tokens=32,
-             sampling=SamplingParams(temperature=1.0, top_p=0.95),
-             config=SSDConfig(k=4, fanout=12, saguaro_c=0.5), seed=7)
+r = generate(
+    target,
+    draft,
+    prompts=[[1, 2, 3], [9]],
+    mode="ssd",
+    max_new_tokens=32,
+    sampling=SamplingParams(temperature=1.0, top_p=0.95),
+    config=SSDConfig(k=4, fanout=12, saguaro_c=0.5),
+    seed=7,
+)
 print("sampled:", r.tokens[0][:16], "...", r.finish_reasons, r.metrics.summary())

@@ -13,8 +13,9 @@ from ssd_core import LatencyModel, SamplingParams, SSDConfig, generate
 target_latency = LatencyModel(per_call=0.020, per_token=0.0001)  # a 70B-class target
 draft_latency = LatencyModel(per_call=0.002, per_token=0.00005)  # a 1B-class draft
 
-target = ReferenceModel.random(vocab_size=512, order=2, seed=1, peakedness=4.0,
-                               latency=target_latency, sleep=False)
+target = ReferenceModel.random(
+    vocab_size=512, order=2, seed=1, peakedness=4.0, latency=target_latency, sleep=False
+)
 draft = ReferenceModel.perturbed(target, divergence=0.8, seed=2, latency=draft_latency, sleep=False)
 
 for temperature in (0.0, 1.0):
@@ -22,10 +23,20 @@ for temperature in (0.0, 1.0):
     print(f"temperature {temperature}")
     base = None
     for mode in ("ar", "sd", "ssd"):
-        r = generate(target, draft, prompts=[[1, 2, 3]], mode=mode, max_new_tokens=256,
-                     sampling=sampling, config=SSDConfig(k=4, fanout=16, fallback="neural"),
-                     driver="simulated", seed=0)
+        r = generate(
+            target,
+            draft,
+            prompts=[[1, 2, 3]],
+            mode=mode,
+            max_new_tokens=256,
+            sampling=sampling,
+            config=SSDConfig(k=4, fanout=16, fallback="neural"),
+            driver="simulated",
+            seed=0,
+        )
         m = r.metrics
         base = base or m.tokens_per_second
-        print(f"  {mode:3s} {m.tokens_per_second:7.1f} simulated tok/s ({m.tokens_per_second / base:4.2f}x AR)"
-              f"  acceptance {m.acceptance_rate:4.0%}  cache hits {m.cache_hit_rate:4.0%}")
+        print(
+            f"  {mode:3s} {m.tokens_per_second:7.1f} simulated tok/s ({m.tokens_per_second / base:4.2f}x AR)"
+            f"  acceptance {m.acceptance_rate:4.0%}  cache hits {m.cache_hit_rate:4.0%}"
+        )

@@ -32,7 +32,9 @@ class PoolModel:
         rng = np.random.default_rng(0)
         self.pool = (rng.standard_normal((pool, vocab)) * 3).astype(np.float32)
         if noise:
-            self.pool += (np.random.default_rng(seed).standard_normal((pool, vocab)) * noise).astype(np.float32)
+            self.pool += (
+                np.random.default_rng(seed).standard_normal((pool, vocab)) * noise
+            ).astype(np.float32)
         self.name = f"pool{seed}"
         self.vocab_size = vocab
         self.t = HandleTable(owner=self.name, vocab_size=vocab, context_size=None)
@@ -65,7 +67,11 @@ class PoolModel:
 
 def instrument():
     spent = defaultdict(float)
-    for cls, key in ((M._VerifyJob, "target_math"), (M._TreeJob, "draft_math"), (M._DraftJob, "draft_math")):
+    for cls, key in (
+        (M._VerifyJob, "target_math"),
+        (M._TreeJob, "draft_math"),
+        (M._DraftJob, "draft_math"),
+    ):
         orig = cls.receive
 
         def timed(self, req, res, _orig=orig, _key=key):
@@ -85,14 +91,28 @@ def run(b, k, budget, v, tokens):
     spent = instrument_spent
     spent.clear()
     t0 = time.perf_counter()
-    out = generate(target, draft, prompts=[[i + 1, i + 2] for i in range(b)], mode="ssd",
-                   max_new_tokens=tokens, sampling=SamplingParams(temperature=1.0),
-                   config=SSDConfig(k=k, fanout=budget, fallback="neural"), driver="sequential", seed=0)
+    out = generate(
+        target,
+        draft,
+        prompts=[[i + 1, i + 2] for i in range(b)],
+        mode="ssd",
+        max_new_tokens=tokens,
+        sampling=SamplingParams(temperature=1.0),
+        config=SSDConfig(k=k, fanout=budget, fallback="neural"),
+        driver="sequential",
+        seed=0,
+    )
     wall = time.perf_counter() - t0
     rounds = out.metrics.rounds
     backend = target.busy + draft.busy
     other = wall - backend - spent["target_math"] - spent["draft_math"]
-    return rounds, spent["target_math"] / rounds, spent["draft_math"] / rounds, other / rounds, out.metrics
+    return (
+        rounds,
+        spent["target_math"] / rounds,
+        spent["draft_math"] / rounds,
+        other / rounds,
+        out.metrics,
+    )
 
 
 def tree_math_only(v=50_000, rows=168, reps=5):
@@ -145,11 +165,19 @@ if __name__ == "__main__":
     print(f"verification math, B=1 K=4 V=50k (5 rows): {verify_math_only() * 1e3:.2f} ms")
     print(f"draft-tree math, 24 x 7 = 168 rows, V=50k:  {tree_math_only() * 1e3:.1f} ms")
     instrument_spent = instrument()
-    grid = [(1, 4, 24, 50_000)] if args.quick else list(
-        itertools.product((1, 8, 32), (4, 8), (10, 24), (1_000, 50_000, 150_000)))
-    print(f"{'B':>3} {'K':>2} {'budget':>6} {'V':>7} {'rounds':>6} {'target ms':>9} {'draft ms':>9} {'book ms':>8}"
-          f" {'hit':>5}")
+    grid = (
+        [(1, 4, 24, 50_000)]
+        if args.quick
+        else list(itertools.product((1, 8, 32), (4, 8), (10, 24), (1_000, 50_000, 150_000)))
+    )
+    print(
+        f"{'B':>3} {'K':>2} {'budget':>6} {'V':>7} {'rounds':>6} {'target ms':>9} {'draft ms':>9} {'book ms':>8}"
+        f" {'hit':>5}"
+    )
     for b, k, budget, v in grid:
         rounds, tm, dm, other, m = run(b, k, budget, v, args.tokens)
-        print(f"{b:3d} {k:2d} {budget:6d} {v:7d} {rounds:6d} {tm * 1e3:9.2f} {dm * 1e3:9.2f} {other * 1e3:8.2f}"
-              f" {m.cache_hit_rate:5.0%}", flush=True)
+        print(
+            f"{b:3d} {k:2d} {budget:6d} {v:7d} {rounds:6d} {tm * 1e3:9.2f} {dm * 1e3:9.2f} {other * 1e3:8.2f}"
+            f" {m.cache_hit_rate:5.0%}",
+            flush=True,
+        )

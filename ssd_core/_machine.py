@@ -66,14 +66,16 @@ from ._math import (
 )
 from ._metrics import Metrics, MetricsRecorder
 from ._protocol import Handle
-from ._random import RandomSource
+from ._random import Key, RandomSource
 
 __all__ = ["TRANSITIONS", "Machine", "Phase", "Speculation"]
 
 
 class Phase(enum.Enum):
     OPENING = "opening"  # prefilling the prompts on both lanes
-    DRAFTING = "drafting"  # the draft proposes K tokens just in time (sd, first round, neural fallback)
+    DRAFTING = (
+        "drafting"  # the draft proposes K tokens just in time (sd, first round, neural fallback)
+    )
     VERIFYING = "verifying"  # the target verifies; in ssd the draft fills the cache meanwhile
     CLOSING = "closing"  # every sequence finished; handles are being released
     DONE = "done"
@@ -140,7 +142,9 @@ class _Seq:
     d_rows: dict[int, Any] = attrs.field(factory=dict)
     rounds: int = 0
 
-    def plan_draft(self, desired: list[int], first_needed: int) -> tuple[int | None, tuple[int, ...], int]:
+    def plan_draft(
+        self, desired: list[int], first_needed: int
+    ) -> tuple[int | None, tuple[int, ...], int]:
         """Bring the draft handle to ``desired`` so that rows from ``first_needed`` on are
         known, reusing remembered rows: (truncate-to or None, tokens to feed, first fed
         position). The handle is recorded as holding ``desired`` from now on."""
@@ -165,7 +169,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _sync(held: list[int], desired: list[int], first_needed: int) -> tuple[int | None, tuple[int, ...]]:
+def _sync(
+    held: list[int], desired: list[int], first_needed: int
+) -> tuple[int | None, tuple[int, ...]]:
     """How to bring a handle holding ``held`` to ``desired`` while scoring every
     position from ``first_needed`` on: (truncate-to or None, tokens to feed)."""
     keep = min(_common_prefix(held, desired), first_needed)
@@ -218,7 +224,9 @@ class _OpenJob(_Job):
     def receive(self, request: Request, result: Any) -> None:
         handles = tuple(result)
         if len(handles) != len(self.m.seqs):
-            self.m.contract(self.lane, f"open returned {len(handles)} handles for {len(self.m.seqs)} prompts")
+            self.m.contract(
+                self.lane, f"open returned {len(handles)} handles for {len(self.m.seqs)} prompts"
+            )
         for s, h in zip(self.m.seqs, handles):
             if self.lane is Lane.TARGET:
                 s.t_handle, s.t_held = h, list(s.tokens[:-1])
@@ -272,10 +280,14 @@ class _VerifyJob(_Job):
     def receive(self, request: Request, result: Any) -> None:
         m = self.m
         assert isinstance(request, Extend)
-        logits = check_logits(result, request.rows, m.vocab_size, who=m.target_name, what="verification")
+        logits = check_logits(
+            result, request.rows, m.vocab_size, who=m.target_name, what="verification"
+        )
         xp = namespace(logits)
         # Gather each sequence's K_i + 1 needed rows into one block.
-        picks, params, offset = [], [], 0
+        picks: list[int] = []
+        params: list[SamplingParams] = []
+        offset = 0
         for s, (_, _, feed) in zip(self.seqs, request.items):
             n = len(s.spec.tokens) + 1  # type: ignore[union-attr]
             start = offset + len(feed) - n
@@ -302,7 +314,9 @@ class _VerifyJob(_Job):
         running = [i for i, s in enumerate(self.seqs) if s.spec.tokens]  # type: ignore[union-attr]
         pos = 0
         while running:
-            keys = [("accept", self.seqs[i].index, self.seqs[i].rounds, pos) for i in running]
+            keys: list[Key] = [
+                ("accept", self.seqs[i].index, self.seqs[i].rounds, pos) for i in running
+            ]
             draws = m.source.bernoulli(keys, [accept_p[i][pos] for i in running])
             still = []
             for i, ok in zip(running, draws):
@@ -321,11 +335,13 @@ class _VerifyJob(_Job):
                 last_rows.append(residual_weights(p[st + a], q[a]))
             else:
                 last_rows.append(p[st + a])
-        keys = [("token", s.index, s.rounds) for s in self.seqs]
-        tokens = m.source.categorical(keys, xp.stack(last_rows))
+        token_keys: list[Key] = [("token", s.index, s.rounds) for s in self.seqs]
+        tokens = m.source.categorical(token_keys, xp.stack(last_rows))
         for i, s in enumerate(self.seqs):
             self.outcomes[s.index] = Outcome(
-                accepted=accepted[i], token=tokens[i], proposed=len(s.spec.tokens)  # type: ignore[union-attr]
+                accepted=accepted[i],
+                token=tokens[i],
+                proposed=len(s.spec.tokens),  # type: ignore[union-attr]
             )
         self.done = True
 
@@ -391,7 +407,10 @@ class _DraftJob(_Job):
         rows = xp.take(logits, xp.asarray(last, device=_device(logits)), axis=0)
         fan = m.saguaro_fanout(backup=True)[self.step]
         w = draft_weights(
-            rows, [s.params.effective_draft_temperature for s in self.seqs], [fan] * len(self.seqs), m.saguaro_c
+            rows,
+            [s.params.effective_draft_temperature for s in self.seqs],
+            [fan] * len(self.seqs),
+            m.saguaro_c,
         )
         keys = [(self.source, s.index, s.rounds, self.step) for s in self.seqs]
         drawn = m.source.categorical(keys, w)
@@ -403,7 +422,9 @@ class _DraftJob(_Job):
         if self.step == m.k:
             for s in self.seqs:
                 s.spec = Speculation(
-                    tokens=tuple(self.tokens[s.index]), q=xp.stack(self.rows[s.index]), source=self.source
+                    tokens=tuple(self.tokens[s.index]),
+                    q=xp.stack(self.rows[s.index]),
+                    source=self.source,
                 )
             self.done = True
 
@@ -452,16 +473,15 @@ class _TreeJob(_Job):
     def next(self, rid: int) -> Request | None:
         if self.done or self.in_flight:
             return None
-        m = self.m
         if self.stage == "glue":
-            items = []
+            glue: list[tuple[Handle, int | None, tuple[int, ...]]] = []
             self.fed_from = []
             for s in self.seqs:
                 desired = s.tokens + list(s.spec.tokens)  # type: ignore[union-attr]
                 keep, feed, start = s.plan_draft(desired, len(s.tokens) - 1)
-                items.append((s.d_handle, keep, feed))
+                glue.append((s.d_handle, keep, feed))
                 self.fed_from.append(start)
-            req: Request = Extend(id=rid, lane=Lane.DRAFT, items=tuple(items), purpose="glue")
+            req: Request = Extend(id=rid, lane=Lane.DRAFT, items=tuple(glue), purpose="glue")
         else:
             self._sent = [b for b in self.branches if b.live]
             if not self._sent:
@@ -487,7 +507,9 @@ class _TreeJob(_Job):
         self.in_flight = False
         if self.stage == "glue":
             assert isinstance(request, Extend)
-            logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="glue pass")
+            logits = check_logits(
+                result, request.rows, m.vocab_size, who=m.draft_name, what="glue pass"
+            )
             xp = namespace(logits)
             offset = 0
             for s, start, (_, _, feed) in zip(self.seqs, self.fed_from, request.items):
@@ -503,7 +525,9 @@ class _TreeJob(_Job):
         elif self.stage == "fork":
             handles = tuple(result)
             if len(handles) != len(self._sent):
-                m.contract(Lane.DRAFT, f"fork returned {len(handles)} handles for {len(self._sent)} forks")
+                m.contract(
+                    Lane.DRAFT, f"fork returned {len(handles)} handles for {len(self._sent)} forks"
+                )
             for b, h in zip(self._sent, handles):
                 b.handle = h
             self.branches = [b for b in self.branches if b.handle is not None]
@@ -512,7 +536,9 @@ class _TreeJob(_Job):
         else:
             assert isinstance(request, Extend)
             live = self._sent
-            logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="tree decode")
+            logits = check_logits(
+                result, request.rows, m.vocab_size, who=m.draft_name, what="tree decode"
+            )
             fan_next = m.saguaro_fanout(backup=False)
             fan = fan_next[self.step] if self.step < len(fan_next) else 0
             w = draft_weights(
@@ -618,7 +644,10 @@ class Machine:
         self.saguaro_c = config.saguaro_c if mode == "ssd" else 1.0
         self.phase = Phase.OPENING
         self.metrics = MetricsRecorder()
-        self.stats = {"primary": OutcomeStats(config.rank_window), "backup": OutcomeStats(config.rank_window)}
+        self.stats = {
+            "primary": OutcomeStats(config.rank_window),
+            "backup": OutcomeStats(config.rank_window),
+        }
         self.seqs: list[_Seq] = []
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             if sp.stop_token_ids is not None:
@@ -626,7 +655,14 @@ class Machine:
             else:
                 stops = frozenset() if sp.ignore_eos else frozenset(eos_ids)
             self.seqs.append(
-                _Seq(index=i, prompt_len=len(prompt), tokens=list(prompt), params=sp, stop_ids=stops, max_new=max_new_tokens)
+                _Seq(
+                    index=i,
+                    prompt_len=len(prompt),
+                    tokens=list(prompt),
+                    params=sp,
+                    stop_ids=stops,
+                    max_new=max_new_tokens,
+                )
             )
         self._queues: dict[Lane, deque[_Job]] = {Lane.TARGET: deque(), Lane.DRAFT: deque()}
         self._in_flight: dict[Lane, Request | None] = {Lane.TARGET: None, Lane.DRAFT: None}
@@ -642,9 +678,11 @@ class Machine:
         self.error: BaseException | None = None
 
         for s in self.seqs:
-            if max_new_tokens == 0:
-                self._finish(s, "length")
-            elif self.target_context is not None and len(s.tokens) > self.target_context:
+            if (
+                max_new_tokens == 0
+                or self.target_context is not None
+                and len(s.tokens) > self.target_context
+            ):
                 self._finish(s, "length")
         self._queues[Lane.TARGET].append(_OpenJob(self, Lane.TARGET))
         self._opening = 1
@@ -686,7 +724,9 @@ class Machine:
         self._check_alive()
         lane = request.lane
         if self._in_flight[lane] is not request:
-            raise MachineError(f"result delivered for a request that is not outstanding: {request!r}")
+            raise MachineError(
+                f"result delivered for a request that is not outstanding: {request!r}"
+            )
         self._in_flight[lane] = None
         try:
             job = self._queues[lane][0]
@@ -752,7 +792,9 @@ class Machine:
         return [s.finish_reason for s in self.seqs]
 
     def freeze_metrics(self, *, driver: str, wall_s: float) -> Metrics:
-        return self.metrics.freeze(mode=self.mode, driver=driver, batch_size=len(self.seqs), wall_s=wall_s)
+        return self.metrics.freeze(
+            mode=self.mode, driver=driver, batch_size=len(self.seqs), wall_s=wall_s
+        )
 
     # -- coordination -----------------------------------------------------------------
 
@@ -895,7 +937,7 @@ class Machine:
         if tree is not None:
             self._queues[Lane.DRAFT].append(_CloseJob(Lane.DRAFT, tree.handles() + retired))
         if fast_seqs:
-            kind = self.config.fallback
+            kind: str = self.config.fallback
             if kind == "auto":
                 kind = self._auto_fallback(len(fast_seqs), len(self._live()))
             self.metrics.fallbacks[kind] = self.metrics.fallbacks.get(kind, 0) + len(fast_seqs)
@@ -918,7 +960,9 @@ class Machine:
                     s.spec = Speculation(tokens=(), q=None, source="none")
                 else:
                     need_draft.append(s)
-        finished = [s for s in self.seqs if s.done and (s.t_handle is not None or s.d_handle is not None)]
+        finished = [
+            s for s in self.seqs if s.done and (s.t_handle is not None or s.d_handle is not None)
+        ]
         if finished:
             t = [s.t_handle for s in finished if s.t_handle is not None]
             d = [s.d_handle for s in finished if s.d_handle is not None]
@@ -954,7 +998,8 @@ class Machine:
             self.metrics.generated_tokens += 1
             gen = len(s.tokens) - s.prompt_len
             if t in s.stop_ids or any(
-                gen >= len(seq) and tuple(s.tokens[-len(seq) :]) == seq for seq in s.params.stop_sequences
+                gen >= len(seq) and tuple(s.tokens[-len(seq) :]) == seq
+                for seq in s.params.stop_sequences
             ):
                 self._finish(s, "stop")
                 break
@@ -1002,8 +1047,16 @@ class Machine:
         t_round = float(np.mean(self._round_s[-16:])) or 1e-9
         a = self.stats["backup"].accept_rate
         e_neural_prior = sum(a**j for j in range(self.k + 1))
-        e_neural = float(np.mean(self._tokens_by_source["neural"][-64:])) if self._tokens_by_source["neural"] else e_neural_prior
-        e_fast = float(np.mean(self._tokens_by_source["fast"][-64:])) if self._tokens_by_source["fast"] else 1.0
+        e_neural = (
+            float(np.mean(self._tokens_by_source["neural"][-64:]))
+            if self._tokens_by_source["neural"]
+            else e_neural_prior
+        )
+        e_fast = (
+            float(np.mean(self._tokens_by_source["fast"][-64:]))
+            if self._tokens_by_source["fast"]
+            else 1.0
+        )
         m = self.metrics
         e_round = (m.generated_tokens / m.sequence_rounds) if m.sequence_rounds else e_neural
         gain_rate = missed * (e_neural - e_fast) / max(t_jit, 1e-9)

@@ -74,12 +74,11 @@ def check_logits(x: Array, rows: int, vocab_size: int, *, who: str, what: str) -
         raise BackendContractError(
             f"backend {who!r} returned logits of dtype {x.dtype} for {what}; expected a real float"
         )
-    if rows:
-        # NaN propagates through max; +inf or an all -inf row shows in the row maximum.
-        if not bool(xp.all(xp.isfinite(xp.max(x, axis=1)))):
-            raise BackendContractError(
-                f"backend {who!r} returned NaN, +inf or an all -inf row for {what}"
-            )
+    # NaN propagates through max; +inf or an all -inf row shows in the row maximum.
+    if rows and not bool(xp.all(xp.isfinite(xp.max(x, axis=1)))):
+        raise BackendContractError(
+            f"backend {who!r} returned NaN, +inf or an all -inf row for {what}"
+        )
     return x
 
 
@@ -255,7 +254,7 @@ def _draft_weights_numpy(
             if f > 0:
                 row = z[r]
                 np.multiply(w[r], c, out=w[r], where=row >= _kth_largest_row(row, int(f)))
-    return w
+    return np.asarray(w)
 
 
 def _kth_largest_row(row: np.ndarray, k: int) -> float:

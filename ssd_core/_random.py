@@ -80,7 +80,9 @@ def _inverse_cdf_numpy(weights: np.ndarray, uniforms: Sequence[float]) -> list[i
     full = v - v % _BLOCK
     parts = []
     if full:
-        parts.append(weights[:, :full].reshape(n, full // _BLOCK, _BLOCK).sum(axis=2, dtype=np.float64))
+        parts.append(
+            weights[:, :full].reshape(n, full // _BLOCK, _BLOCK).sum(axis=2, dtype=np.float64)
+        )
     if full < v:
         parts.append(weights[:, full:].sum(axis=1, dtype=np.float64)[:, None])
     cum = np.cumsum(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0], axis=1)
@@ -133,4 +135,4 @@ class SeededSource:
 def host_rows(weights: Any) -> np.ndarray:
     """Normalised float64 numpy rows (for sources that enumerate outcomes)."""
     w = to_host(weights).astype(np.float64)
-    return w / w.sum(axis=1, keepdims=True)
+    return np.asarray(w / w.sum(axis=1, keepdims=True))

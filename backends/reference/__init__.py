@@ -6,14 +6,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from ssd_core import BackendSpec, ConfigError
+
 from ._model import ReferenceModel
 
 __all__ = ["BACKEND", "ReferenceModel", "parse_spec"]
 
-_INT_KEYS = {"vocab": "vocab_size", "vocab_size": "vocab_size", "order": "order", "seed": "seed",
-             "context": "context_size", "tie_levels": "tie_levels"}
-_FLOAT_KEYS = {"peakedness": "peakedness", "zero_fraction": "zero_fraction",
-               "divergence": "divergence"}
+_INT_KEYS = {
+    "vocab": "vocab_size",
+    "vocab_size": "vocab_size",
+    "order": "order",
+    "seed": "seed",
+    "context": "context_size",
+    "tie_levels": "tie_levels",
+}
+_FLOAT_KEYS = {
+    "peakedness": "peakedness",
+    "zero_fraction": "zero_fraction",
+    "divergence": "divergence",
+}
 
 
 def parse_spec(args: str) -> dict[str, Any]:

@@ -33,8 +33,12 @@ class Interleavings(RuleBasedStateMachine):
         self.temperature = temperature
         prompts = [[(seed + i) % 6] * (i + 1) for i in range(batch)]
         self.m = Machine(
-            prompts=prompts, params=[SamplingParams(temperature=temperature)] * batch, mode="ssd",
-            config=SSDConfig(k=k, fanout=fanout, fallback=fallback), max_new_tokens=12, vocab_size=6,
+            prompts=prompts,
+            params=[SamplingParams(temperature=temperature)] * batch,
+            mode="ssd",
+            config=SSDConfig(k=k, fanout=fanout, fallback=fallback),
+            max_new_tokens=12,
+            vocab_size=6,
             source=SeededSource(seed),
         )
         self.models = {Lane.TARGET: self.target, Lane.DRAFT: self.draft}

@@ -32,8 +32,14 @@ def test_numpy_and_torch_agree(device):
     w_t = draft_weights(zt, [1.0, 0.5, 0.0, 2.0], [3, 0, 2, 5], 0.3)
     np.testing.assert_allclose(w_t.cpu().numpy(), w_np, atol=1e-12)
     toks = [1, 2, 3, 4]
-    assert accept_probabilities(p_t, w_t, toks) == pytest.approx(accept_probabilities(p_np, w_np, toks), abs=1e-12)
-    np.testing.assert_allclose(residual_weights(p_t[1], w_t[1]).cpu().numpy(), residual_weights(p_np[1], w_np[1]), atol=1e-12)
+    assert accept_probabilities(p_t, w_t, toks) == pytest.approx(
+        accept_probabilities(p_np, w_np, toks), abs=1e-12
+    )
+    np.testing.assert_allclose(
+        residual_weights(p_t[1], w_t[1]).cpu().numpy(),
+        residual_weights(p_np[1], w_np[1]),
+        atol=1e-12,
+    )
     src = SeededSource(3)
     keys = [("k", i) for i in range(4)]
     assert src.categorical(keys, p_t) == src.categorical(keys, p_np)
