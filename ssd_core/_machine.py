@@ -56,12 +56,12 @@ from ._fanout import OutcomeStats
 from ._math import (
     accept_probabilities,
     check_logits,
+    count_above,
     draft_weights,
     move_like,
     namespace,
     residual_weights,
     target_probs,
-    to_host,
     top_ids,
 )
 from ._metrics import Metrics, MetricsRecorder
@@ -586,11 +586,9 @@ class _TreeJob(_Job):
         g = self.glue.get(seq.index)
         if g is None:
             return None
-        z = to_host(g[outcome.accepted]).copy()
-        if outcome.accepted < len(seq.spec.tokens):  # type: ignore[union-attr]
-            z[seq.spec.tokens[outcome.accepted]] = -np.inf  # type: ignore[union-attr]
-        t = outcome.token
-        return int(np.sum(z > z[t]) + np.sum(z[:t] == z[t]) + 1)
+        spec = seq.spec.tokens  # type: ignore[union-attr]
+        exclude = spec[outcome.accepted] if outcome.accepted < len(spec) else None
+        return count_above(g[outcome.accepted], outcome.token, exclude) + 1
 
     def handles(self) -> list[Handle]:
         return [b.handle for b in self.branches if b.handle is not None and not b.promoted]

@@ -24,6 +24,7 @@ from ._errors import BackendContractError
 __all__ = [
     "accept_probabilities",
     "check_logits",
+    "count_above",
     "draft_weights",
     "namespace",
     "residual_weights",
@@ -120,7 +121,9 @@ def top_ids(z_row: Array, count: int, exclude: int | None = None) -> list[int]:
     ``exclude`` (a rejected draft token, which can never be the recovery token) is
     skipped. Entries at ``-inf`` are never returned.
     """
-    z = to_host(z_row).astype(np.float64, copy=True)
+    if not isinstance(z_row, np.ndarray):
+        return _top_ids_on_device(z_row, count, exclude)
+    z = z_row.astype(np.float64, copy=True)
     if exclude is not None:
         z[exclude] = -np.inf
     count = min(count, int(np.isfinite(z).sum()))
@@ -135,6 +138,40 @@ def top_ids(z_row: Array, count: int, exclude: int | None = None) -> list[int]:
         part = np.arange(z.shape[0])
     order = np.lexsort((part, -z[part]))  # by value descending, then id ascending
     return [int(i) for i in part[order][:count]]
+
+
+def _top_ids_on_device(z_row: Array, count: int, exclude: int | None) -> list[int]:
+    """:func:`top_ids` for device arrays: only a few candidates cross to the host."""
+    xp = namespace(z_row)
+    v = z_row.shape[0]
+    z = xp.astype(z_row, xp.float64)
+    if exclude is not None:
+        cols = xp.arange(v, device=compat.device(z))
+        z = xp.where(cols == exclude, xp.full_like(z, -math.inf), z)
+    fetch = min(v, count + 8)  # a few extra, so ties at the boundary sort by id
+    if compat.is_torch_array(z):
+        vals, ids = z.topk(fetch)
+    else:
+        ids = xp.argsort(-z, stable=True)[:fetch]
+        vals = xp.take(z, ids)
+    vals_h, ids_h = to_host(vals), to_host(ids)
+    keep = np.isfinite(vals_h)
+    vals_h, ids_h = vals_h[keep], ids_h[keep]
+    order = np.lexsort((ids_h, -vals_h))
+    return [int(i) for i in ids_h[order][:count]]
+
+
+def count_above(z_row: Array, token: int, exclude: int | None = None) -> int:
+    """How many entries outrank ``token`` in one row (larger value, or equal value and a
+    lower id), ``exclude`` not counted. One scalar crosses to the host."""
+    xp = namespace(z_row)
+    v = z_row.shape[0]
+    cols = xp.arange(v, device=compat.device(z_row))
+    zt = z_row[token]
+    above = (z_row > zt) | ((z_row == zt) & (cols < token))
+    if exclude is not None:
+        above = above & (cols != exclude)
+    return int(xp.sum(xp.astype(above, xp.int64)))
 
 
 def target_probs(logits: Array, params: Sequence[Any]) -> Array:

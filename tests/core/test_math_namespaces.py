@@ -49,3 +49,20 @@ def test_float32_logits_are_promoted():
     z = torch.randn(2, 10, dtype=torch.float32)
     p = target_probs(z.to(torch.float64), [SamplingParams()] * 2)
     assert p.dtype == torch.float64
+
+
+def test_top_ids_and_ranks_agree_on_device_arrays():
+    from ssd_core._math import count_above, top_ids
+
+    z = np.round(np.random.default_rng(1).standard_normal(40), 1)  # ties
+    z[3] = -np.inf
+    zt = torch.tensor(z)
+    for count in (1, 3, 10, 39):
+        for exclude in (None, int(np.argmax(z)), 5):
+            assert top_ids(zt, count, exclude) == top_ids(z, count, exclude)
+            assert 3 not in top_ids(z, count, exclude)
+    for t in range(40):
+        assert count_above(zt, t, 7) == count_above(z, t, 7)
+        ranked = top_ids(z, 40, 7)
+        if t in ranked:
+            assert ranked.index(t) == count_above(z, t, 7)
