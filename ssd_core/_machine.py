@@ -107,7 +107,8 @@ class Speculation:
     """Draft tokens and the proposal weights (rows, any namespace) they were drawn from.
 
     ``source`` is ``"cache"`` (a hit: the primary speculator), ``"neural"`` (drafted
-    just in time) or ``"fast"`` (n-gram backup tokens; q is one-hot).
+    just in time) or ``"fast"`` (n-gram backup tokens: point masses, ``q`` is ``None``
+    and the verifier uses one-hot rows).
     """
 
     tokens: tuple[int, ...]
@@ -304,7 +305,12 @@ class _VerifyJob(_Job):
             starts.append(at)
             k = len(s.spec.tokens)  # type: ignore[union-attr]
             at += k + 1
-            if k:
+            if k and s.spec.q is None:  # type: ignore[union-attr]
+                # Point masses (fast backup tokens): one-hot rows, built where p lives.
+                cols = xp.arange(m.vocab_size, device=_device(p))
+                toks = xp.asarray(list(s.spec.tokens), device=_device(p))  # type: ignore[union-attr]
+                q_rows.append(xp.astype(cols[None, :] == toks[:, None], xp.float64))
+            elif k:
                 q_rows.append(move_like(s.spec.q, p))  # type: ignore[union-attr]
         accept_p: list[list[float]] = []
         for s, st, q in zip(self.seqs, starts, _iter_q(self.seqs, q_rows)):
@@ -944,9 +950,7 @@ class Machine:
             else:
                 for s in fast_seqs:
                     toks = fast_backup_tokens(s.tokens, self.k)
-                    q = np.zeros((self.k, self.vocab_size))
-                    q[np.arange(self.k), list(toks)] = 1.0
-                    s.spec = Speculation(tokens=toks, q=q, source="fast")
+                    s.spec = Speculation(tokens=toks, q=None, source="fast")
         self._after_round(need_draft)
 
     def _after_round(self, need_draft: list[_Seq] | None = None) -> None:
