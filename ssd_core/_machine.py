@@ -390,8 +390,6 @@ class _DraftJob(_Job):
         for s in self.seqs:
             if self.step == 0:
                 keep, feed, start = s.plan_draft(s.tokens, len(s.tokens) - 1)
-                if not feed:  # the row after the last token is already known
-                    keep, feed, start = (len(s.tokens) - 1, (s.tokens[-1],), len(s.tokens) - 1)
             else:
                 keep, feed, start = None, (self.tokens[s.index][-1],), len(s.d_held)
                 s.d_held.append(feed[0])
