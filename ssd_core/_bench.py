@@ -84,7 +84,7 @@ def _progress(total: int, desc: str) -> Any:
         return None
 
 
-def _plot(rows: dict[str, dict[str, float]], path: Path) -> bool:
+def _plot(rows: dict[str, dict[str, float]], path: Path, clock: str) -> bool:
     try:
         import matplotlib
 
@@ -96,7 +96,7 @@ def _plot(rows: dict[str, dict[str, float]], path: Path) -> bool:
     modes = list(rows)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     axes[0].bar(modes, [rows[m]["tokens_per_s"] for m in modes], color="#4c72b0")
-    axes[0].set_title("tokens / s (wall clock)")
+    axes[0].set_title(f"tokens / s ({clock})")
     axes[1].bar(modes, [rows[m]["tokens_per_target_pass"] for m in modes], color="#55a868")
     axes[1].set_title("tokens per target pass")
     axes[2].bar(modes, [rows[m]["cache_hit_rate"] for m in modes], color="#c44e52")
@@ -196,7 +196,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "per_prompt": {m: [x.as_dict() for x in ms] for m, ms in results.items()},
         }
         (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
-        plotted = _plot(rows, out_dir / "bench.png")
+        clock = "simulated clock" if args.driver == "simulated" else "wall clock"
+        plotted = _plot(rows, out_dir / "bench.png", clock)
         print(
             f"wrote {out_dir / 'bench.json'}" + (f" and {out_dir / 'bench.png'}" if plotted else "")
         )
