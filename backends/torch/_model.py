@@ -360,6 +360,15 @@ class TorchModel:
 
     # -- introspection --------------------------------------------------------------
 
+    def __getattr__(self, name: str) -> Any:
+        # ``apply_chat_template`` exists only when the tokenizer has a chat template, so
+        # callers can test for it with getattr(model, "apply_chat_template", None).
+        if name == "apply_chat_template":
+            tok = self.__dict__.get("tokenizer")
+            if tok is not None and getattr(tok, "has_chat_template", False):
+                return tok.apply_chat_template
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def open_handles(self) -> int:
         """How many handles are open."""

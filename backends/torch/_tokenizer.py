@@ -32,6 +32,19 @@ class HFTokenizer:
         """
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer carries a chat template."""
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered by the model's chat template, ready for the
+        assistant's reply."""
+        out = self._tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):  # BatchEncoding in some versions
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
     def decode(self, tokens: Sequence[int]) -> str:
         """Detokenise ``tokens``; special tokens are kept as text."""
         return str(self._tok.decode([int(t) for t in tokens]))

@@ -115,3 +115,19 @@ def test_matches_llama_cpp(smol, tmp_path):
     log.warning("SmolLM2 torch vs llama.cpp over %d positions: max |dlogit| %.3f, "
                 "mean %.4f, top-1 agreement %.3f", len(ids), diff.max(), diff.mean(), agree)
     assert agree >= 0.9
+
+
+def test_chat_template_and_draft_copy(smol):
+    import time
+
+    from backends.torch import BACKEND
+
+    ids = smol.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert smol.tokenizer.decode(ids).startswith("<|im_start|>")
+    t0 = time.perf_counter()
+    draft = BACKEND.load("smollm2,layers=25", {"target": smol, "target_args": "smollm2"})
+    log.warning("draft copied from the loaded target in %.1f s", time.perf_counter() - t0)
+    assert len(draft.network.model.layers) == 25 and len(smol.network.model.layers) == 30
+    assert draft.tokenizer is smol.tokenizer
+    h = draft.open(ids)
+    assert draft.extend([(h, [1])]).shape == (1, 49152)
