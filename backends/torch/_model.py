@@ -17,6 +17,7 @@ behind it. Nothing is mutated until the forward pass has succeeded.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,8 +228,6 @@ class TorchModel:
         Raises:
             ConfigError: the path does not exist or transformers cannot load it.
         """
-        import os
-
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if os.path.isfile(path) and path.endswith(".gguf") and gguf_file is None:
