@@ -46,8 +46,9 @@ def per_call_costs(device: str, dtype: str) -> None:
     model = BACKEND.load("smollm2", {"device": device, "dtype": dtype})
     log.info("load SmolLM2 (%s, %s): %.1f s", device, dtype, time.perf_counter() - t0)
     ids = model.tokenizer.encode("The capital of France is")
-    h = model.open(ids)
-    log.info("top-1 after prompt: %r", model.tokenizer.decode([int(model.extend([(h, [13])])[0].argmax())]))
+    h = model.open(ids[:-1])
+    top = int(model.extend([(h, ids[-1:])])[0].argmax())
+    log.info("top-1 after 'The capital of France is': %r", model.tokenizer.decode([top]))
     root = model.open(list(range(100, 228)))
     model.extend([(root, [5])])
 
@@ -76,8 +77,12 @@ def end_to_end(device: str, dtype: str, tokens: int) -> None:
     from backends.torch import BACKEND
 
     target = BACKEND.load("smollm2", {"device": device, "dtype": dtype})
-    draft = BACKEND.load("smollm2,layers=25", {"device": device, "dtype": dtype})
-    prompt = target.tokenizer.encode("Write a short story about a lighthouse keeper.")
+    draft = BACKEND.load("smollm2,layers=25", {"device": device, "dtype": dtype, "target": target,
+                                               "target_args": "smollm2"})
+    text = "Write a short story about a lighthouse keeper."
+    chat = getattr(target, "apply_chat_template", None)
+    # the instruct model answers a bare sentence with end-of-turn at once; use its template
+    prompt = chat([{"role": "user", "content": text}]) if chat else target.tokenizer.encode(text)
     results = {}
     for mode in ("ar", "sd", "ssd"):
         for driver in ("sequential", "threaded") if mode == "ssd" else ("sequential",):
@@ -92,8 +97,9 @@ def end_to_end(device: str, dtype: str, tokens: int) -> None:
             dt = time.perf_counter() - t0
             toks = list(res.tokens[0])
             results[(mode, driver)] = toks
-            log.info("%-3s %-10s %6.1f tok/s  (%d tokens in %.2f s)  metrics=%s",
-                     mode, driver, len(toks) / dt, len(toks), dt, getattr(res, "metrics", None))
+            summary = getattr(res.metrics, "summary", None)
+            log.info("%-3s %-10s %6.1f tok/s  (%d tokens in %.2f s)  %s", mode, driver,
+                     len(toks) / dt, len(toks), dt, summary() if callable(summary) else res.metrics)
     ar = results.get(("ar", "sequential"))
     for key, toks in results.items():
         if ar is not None and toks != ar:
