@@ -1,0 +1,51 @@
+"""The llama.cpp backend: GGUF models through llama-cpp-python's low-level API.
+
+Importing this package imports ``llama_cpp``; ``backends`` itself never does, so the
+rest of the library works without the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._registry import BackendSpec
+from ._bundled import resolve_model_path, smollm2_path
+from ._model import LlamaCppModel
+from ._options import LlamaOptions
+from ._tokenizer import LlamaTokenizer
+
+__all__ = [
+    "BACKEND",
+    "LlamaCppModel",
+    "LlamaOptions",
+    "LlamaTokenizer",
+    "from_gguf",
+    "smollm2_path",
+]
+
+
+def from_gguf(path: str | Path, **options: Any) -> LlamaCppModel:
+    """Load a GGUF model; see :meth:`LlamaCppModel.from_gguf` for the options.
+
+    Raises:
+        ConfigError: missing file, unloadable model, or an invalid option.
+    """
+    return LlamaCppModel.from_gguf(path, **options)
+
+
+def _load(args: str, options: Mapping[str, Any]) -> LlamaCppModel:
+    """``llama_cpp:PATH`` (or ``llama_cpp:smollm2``); options as in :class:`LlamaOptions`,
+    unknown option names ignored (the CLI passes options meant for other backends)."""
+    path = resolve_model_path(args)
+    return LlamaCppModel(path, LlamaOptions.from_mapping(options))
+
+
+BACKEND = BackendSpec(
+    name="llama_cpp",
+    load=_load,
+    default_target="llama_cpp:smollm2",
+    default_draft="ngram:max_n=4,alpha=0.001",
+    description="GGUF models on llama.cpp (CPU; GPU when llama-cpp-python is built for it)",
+)
