@@ -1,11 +1,19 @@
 """The Model protocol on llama.cpp's low-level API.
 
 Theory of operation: one llama.cpp context holds every handle of one model. A handle
-is an int (never reused) mapped to a llama.cpp sequence id (reused after close). The
-KV cache is *unified*: all sequences draw cells from one pool, and ``fork`` is
-``llama_memory_seq_cp``, which tags the parent's cells with the child's id instead of
-copying them, so branches share their prefix. ``truncate`` and ``close`` are
-``llama_memory_seq_rm``. ``extend`` packs every request into as few ``llama_decode``
+is an int (never reused) mapped to a llama.cpp sequence id (reused after close).
+``truncate`` and ``close`` are ``llama_memory_seq_rm``; ``fork`` is
+``llama_memory_seq_cp``. Two KV layouts (``LlamaOptions.kv_layout``):
+
+* per_sequence (default in batch-invariant mode): each sequence id owns a stream of
+  ``n_ctx`` cells. With one sequence per stream, cells stay in position order (a
+  truncation frees the tail and the next tokens refill it), so logits depend only on
+  the tokens. Forking copies the whole stream (llama.cpp only copies full streams
+  across streams), then drops the child's tail.
+* unified: one pool; ``seq_cp`` tags the parent's cells with the child's id, so
+  branches share their prefix. Cells freed by truncate/close are reused by later
+  tokens out of position order, and llama.cpp's attention then rounds differently
+  (measured: up to ~3e-2 in logits with flash attention on the test model). ``extend`` packs every request into as few ``llama_decode``
 calls as the batch-invariance setting allows, asks for logits on the appended tokens
 only, and copies each row out at once (the next decode overwrites the buffer).
 
@@ -87,7 +95,7 @@ class LlamaCppModel:
         cparams.n_threads = options.n_threads
         cparams.n_threads_batch = options.n_threads
         cparams.flash_attn_type = FLASH_ATTN[options.flash_attn]
-        cparams.kv_unified = True
+        cparams.kv_unified = options.unified
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
@@ -235,8 +243,13 @@ class LlamaCppModel:
         child = self._table.fork(handle, length)
         seq = self._free_seqs.pop()
         self._seq[child] = seq
-        if length:
-            llama_cpp.llama_memory_seq_cp(self._mem, self._seq[handle], seq, 0, length)  # type: ignore[index]
+        src = self._seq[handle]  # type: ignore[index]
+        if length and self.options.unified:
+            llama_cpp.llama_memory_seq_cp(self._mem, src, seq, 0, length)
+        elif length:
+            # Across streams llama.cpp copies whole streams only (it asserts otherwise).
+            llama_cpp.llama_memory_seq_cp(self._mem, src, seq, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._mem, seq, length, -1)
         return child
 
     def truncate(self, handle: Handle, length: int) -> None:
@@ -311,7 +324,8 @@ class LlamaCppModel:
                 rc = llama_cpp.llama_decode(self._ctx, batch)
                 if rc == 1:
                     raise CapacityError(
-                        f"{self.name}: the KV cache ({self.options.kv_cells} cells) is full; "
+                        f"{self.name}: no free KV cells ({self.options.kv_cells} in all, "
+                        f"layout {'unified' if self.options.unified else 'per_sequence'}); "
                         "raise kv_size or close handles"
                     )
                 if rc != 0:

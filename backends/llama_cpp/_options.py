@@ -57,8 +57,16 @@ class LlamaOptions:
     Attributes:
         n_threads: CPU threads for decoding (draft and target each get their own).
         n_ctx: the most tokens one handle may hold (the model's ``context_size``).
-        kv_size: KV cells shared by all sequences (forks share their prefix cells);
-            ``None`` means ``n_ctx + 64 * n_seq_max``.
+        kv_layout: ``"per_sequence"`` gives every handle its own KV stream of
+            ``n_ctx`` cells, so cells always stay in position order and logits never
+            depend on a handle's history (fork copies the parent's stream).
+            ``"unified"`` puts all handles in one pool of ``kv_size`` cells: forks
+            share prefix cells and memory is smaller, but cells freed by truncate/close
+            get reused out of position order, which changes later logits by up to
+            ~1e-2 (measured with flash attention), so greedy identity can break.
+            ``"auto"`` (default) is per_sequence when ``batch_invariant``, else unified.
+        kv_size: (unified layout) KV cells shared by all sequences; ``None`` means
+            ``n_ctx + 64 * n_seq_max``.
         n_seq_max: the most handles open at once (llama.cpp sequence ids).
         n_gpu_layers: layers offloaded to a GPU (llama-cpp-python built with CUDA/Metal).
         flash_attn: ``"auto"``, ``"on"`` or ``"off"``.
@@ -76,11 +84,14 @@ class LlamaOptions:
     """
 
     n_threads: int = attrs.field(factory=_default_threads, converter=int, validator=_positive)
-    n_ctx: int = attrs.field(default=2048, converter=int, validator=_positive)
+    n_ctx: int = attrs.field(default=1024, converter=int, validator=_positive)
     kv_size: int | None = attrs.field(
         default=None, converter=attrs.converters.optional(int), validator=_positive
     )
-    n_seq_max: int = attrs.field(default=64, converter=int, validator=_positive)
+    n_seq_max: int = attrs.field(default=16, converter=int, validator=_positive)
+    kv_layout: str = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "per_sequence", "unified"))
+    )
     n_gpu_layers: int = attrs.field(default=0, converter=int)
     flash_attn: str = attrs.field(default="auto", converter=_flash)
     batch_invariant: bool = attrs.field(default=True, converter=_to_bool)
@@ -90,8 +101,17 @@ class LlamaOptions:
     verbose: bool = attrs.field(default=False, converter=_to_bool)
 
     @property
+    def unified(self) -> bool:
+        """Whether all handles share one KV pool (see ``kv_layout``)."""
+        if self.kv_layout == "auto":
+            return not self.batch_invariant
+        return self.kv_layout == "unified"
+
+    @property
     def kv_cells(self) -> int:
         """KV cells to allocate for all sequences together."""
+        if not self.unified:
+            return self.n_ctx * self.n_seq_max
         return self.kv_size if self.kv_size is not None else self.n_ctx + 64 * self.n_seq_max
 
     @property
