@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._registry import BackendSpec
+
+from ssd_core import BackendSpec
+
 from ._bundled import resolve_model_path, smollm2_path
 from ._model import LlamaCppModel
 from ._options import LlamaOptions

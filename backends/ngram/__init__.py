@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import ConfigError
+from ssd_core import BackendSpec, ConfigError
 
-from .._registry import BackendSpec
+
 from ._model import NgramModel
 
 __all__ = ["BACKEND", "NgramModel", "parse_spec"]

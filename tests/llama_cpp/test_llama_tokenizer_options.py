@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from backends import load_backend
+
 from backends.llama_cpp import LlamaCppModel, LlamaOptions, from_gguf
-from ssd_core import ConfigError, InputError, Tokenizer
+from ssd_core import ConfigError, InputError, Tokenizer, load_backend
 
 
 def test_tokenizer_round_trip(tiny: LlamaCppModel) -> None:
