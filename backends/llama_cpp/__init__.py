@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
 from ssd_core import BackendSpec
 
 from ._bundled import resolve_model_path, smollm2_path

@@ -123,14 +123,21 @@ class LlamaCppModel:
         )
         logger.info(
             "loaded %s: vocab %d, n_ctx %d, %d KV cells, %d sequences, chunk %d, flash_attn %s",
-            path, self.vocab_size, options.n_ctx, options.kv_cells, n_seq, self._chunk,
+            path,
+            self.vocab_size,
+            options.n_ctx,
+            options.kv_cells,
+            n_seq,
+            self._chunk,
             options.flash_attn,
         )
 
     # -- constructors ---------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, path: str | Path, *, name: str | None = None, **options: Any) -> LlamaCppModel:
+    def from_gguf(
+        cls, path: str | Path, *, name: str | None = None, **options: Any
+    ) -> LlamaCppModel:
         """Load a GGUF file.
 
         Args:
@@ -219,10 +226,10 @@ class LlamaCppModel:
         news = self._table.check_extend(requests)
         work = [
             (self._seq[h], len(self._table.tokens(h)), new)  # type: ignore[index]
-            for (h, _), new in zip(requests, news)
+            for (h, _), new in zip(requests, news, strict=True)
         ]
         rows = self._decode(work, want_logits=True)
-        for (h, _), new in zip(requests, news):
+        for (h, _), new in zip(requests, news, strict=True):
             self._table.tokens(h).extend(new)
         return rows
 

@@ -21,9 +21,42 @@ TINY_CHAT_TEMPLATE = (
 )
 
 _WORDS = (
-    "the", "a", "of", "and", "to", "in", "is", "it", "that", "was", "for", "on", "are",
-    "with", "as", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word",
-    "but", "not", "what", "all", "were", "we", "when", "your", "can", "said", "there",
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "it",
+    "that",
+    "was",
+    "for",
+    "on",
+    "are",
+    "with",
+    "as",
+    "at",
+    "be",
+    "this",
+    "have",
+    "from",
+    "or",
+    "one",
+    "had",
+    "by",
+    "word",
+    "but",
+    "not",
+    "what",
+    "all",
+    "were",
+    "we",
+    "when",
+    "your",
+    "can",
+    "said",
+    "there",
 )
 
 
@@ -105,7 +138,9 @@ def write_tiny_llama_gguf(
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(vocab)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(
+        gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32
+    )
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)

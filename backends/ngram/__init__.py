@@ -7,13 +7,18 @@ from typing import Any
 
 from ssd_core import BackendSpec, ConfigError
 
-
 from ._model import NgramModel
 
 __all__ = ["BACKEND", "NgramModel", "parse_spec"]
 
-_INT_KEYS = {"max_n": "max_n", "n": "max_n", "vocab": "vocab_size", "vocab_size": "vocab_size",
-             "context": "context_size", "context_size": "context_size"}
+_INT_KEYS = {
+    "max_n": "max_n",
+    "n": "max_n",
+    "vocab": "vocab_size",
+    "vocab_size": "vocab_size",
+    "context": "context_size",
+    "context_size": "context_size",
+}
 _FLOAT_KEYS = {"alpha": "alpha"}
 
 

@@ -149,7 +149,7 @@ class NgramModel:
         news = self._table.check_extend(requests)
         out = np.empty((sum(len(n) for n in news), self.vocab_size), dtype=np.float64)
         row = 0
-        for (handle, _), new in zip(requests, news):
+        for (handle, _), new in zip(requests, news, strict=True):
             toks = self._table.tokens(handle)
             index = self._index[handle]
             for t in new:
@@ -234,7 +234,11 @@ class NgramModel:
 
     def match_length(self, handle: Handle) -> int:
         """How many tokens of ``handle``'s suffix the last row was conditioned on (0: unigram)."""
-        return self._index[handle].lookup(self._table.tokens(handle))[0] if handle in self._index else 0
+        return (
+            self._index[handle].lookup(self._table.tokens(handle))[0]
+            if handle in self._index
+            else 0
+        )
 
     # -- introspection --------------------------------------------------------------
 

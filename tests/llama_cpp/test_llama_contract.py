@@ -53,9 +53,9 @@ def test_batched_equals_separate(tiny: LlamaCppModel) -> None:
     prompts = [PROMPT[:3], PROMPT[:5], PROMPT, [1, 2]]
     news = [[40, 41], [42], [43, 44, 45], [46, 47, 48, 49]]
     hs = [tiny.open(p) for p in prompts]
-    together = tiny.extend(list(zip(hs, news)))
+    together = tiny.extend(list(zip(hs, news, strict=True)))
     separate = []
-    for p, n in zip(prompts, news):
+    for p, n in zip(prompts, news, strict=True):
         h = tiny.open(p)
         separate.append(tiny.extend([(h, n)]))
     np.testing.assert_array_equal(together, np.concatenate(separate))
@@ -170,7 +170,9 @@ def test_capacity_error_at_context_size(tiny: LlamaCppModel) -> None:
 
 
 def test_full_kv_cache_raises_capacity_and_rolls_back(tiny_gguf: object) -> None:
-    with from_gguf(tiny_gguf, n_threads=1, n_ctx=200, kv_size=256, n_seq_max=4, kv_layout="unified") as m:  # type: ignore[arg-type]
+    with from_gguf(
+        tiny_gguf, n_threads=1, n_ctx=200, kv_size=256, n_seq_max=4, kv_layout="unified"
+    ) as m:  # type: ignore[arg-type]
         a = m.open([5] * 200)
         b = m.open([6] * 40)
         with pytest.raises(CapacityError):

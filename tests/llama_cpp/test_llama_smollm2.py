@@ -6,10 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import smollm2_or_skip
 
 from backends.llama_cpp import LlamaCppModel, from_gguf
-
-from conftest import smollm2_or_skip
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-
 from backends.llama_cpp import LlamaCppModel, LlamaOptions, from_gguf
 from ssd_core import ConfigError, InputError, Tokenizer, load_backend
 

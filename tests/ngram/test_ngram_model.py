@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-
 from backends.ngram import NgramModel, parse_spec
 from ssd_core import CapacityError, ConfigError, HandleError, InputError, Model, load_backend
 
@@ -52,15 +51,17 @@ def test_every_token_has_positive_probability() -> None:
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["extend", "fork", "truncate", "close"]),
-              st.integers(0, 10_000), st.lists(st.integers(0, 5), min_size=1, max_size=6)),
+    st.tuples(
+        st.sampled_from(["extend", "fork", "truncate", "close"]),
+        st.integers(0, 10_000),
+        st.lists(st.integers(0, 5), min_size=1, max_size=6),
+    ),
     max_size=30,
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(prompt=st.lists(st.integers(0, 5), max_size=12), script=ops,
-       max_n=st.integers(1, 4))
+@given(prompt=st.lists(st.integers(0, 5), max_size=12), script=ops, max_n=st.integers(1, 4))
 def test_incremental_index_equals_fresh(prompt: list[int], script: list, max_n: int) -> None:
     m = NgramModel(vocab_size=6, max_n=max_n, alpha=0.1)
     live = [m.open(prompt)]
