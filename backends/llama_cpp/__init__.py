@@ -22,6 +22,7 @@ __all__ = [
     "LlamaCppModel",
     "LlamaOptions",
     "LlamaTokenizer",
+    "bundled_prompts",
     "from_gguf",
     "smollm2_path",
 ]
@@ -50,3 +51,29 @@ BACKEND = BackendSpec(
     default_draft="ngram:max_n=4,alpha=0.001",
     description="GGUF models on llama.cpp (CPU; GPU when llama-cpp-python is built for it)",
 )
+
+
+def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
+    """The bundled prompt set (``prompts.json``: code, chat, math, prose, rewrite).
+
+    Args:
+        model: if given, each entry gains ``"tokens"``: the prompt tokenised with the
+            model's tokenizer, through its chat template where the entry says ``chat``.
+
+    Returns:
+        One dict per prompt with ``id``, ``kind``, ``chat``, ``text`` (and ``tokens``).
+    """
+    import json
+    from importlib.resources import files
+
+    data = json.loads(files(__package__).joinpath("prompts.json").read_text("utf-8"))
+    prompts: list[dict[str, Any]] = [dict(p) for p in data["prompts"]]
+    if model is not None:
+        tok = model.tokenizer
+        for p in prompts:
+            if p["chat"]:
+                text = tok.apply_chat_template([{"role": "user", "content": p["text"]}])
+                p["tokens"] = tok.encode(text, add_special_tokens=False)
+            else:
+                p["tokens"] = tok.encode(p["text"])
+    return prompts
