@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol() -> Iterator[LlamaCppModel]:
-    model = from_gguf(smollm2_or_skip(), n_threads=2, n_ctx=256, n_seq_max=4)
+    model = from_gguf(smollm2_or_skip(), n_threads=1, n_ctx=256, n_seq_max=4)
     yield model
     model.free()
 
@@ -45,3 +45,24 @@ def test_batch_invariance_up_to_the_chunk(smol: LlamaCppModel) -> None:
     single = np.stack([smol.extend([(h, [t])])[0] for t in tokens])
     smol.close(h)
     np.testing.assert_array_equal(many, single)
+
+
+def test_greedy_sd_and_ssd_equal_ar_on_bundled_prompts() -> None:
+    from backends.llama_cpp import bundled_prompts
+    from backends.ngram import NgramModel
+    from ssd_core import SamplingParams, SSDConfig, generate
+
+    with from_gguf(smollm2_or_skip(), n_threads=1, n_ctx=512, n_seq_max=8) as target:
+        draft = NgramModel(vocab_size=target.vocab_size, max_n=3)
+        prompts = [p["tokens"] for p in bundled_prompts(target)[:6]]
+        greedy = SamplingParams(temperature=0.0)
+        out = {}
+        for mode in ("ar", "sd", "ssd"):
+            res = generate(
+                target, draft, prompts=prompts, mode=mode, max_new_tokens=64, sampling=greedy,
+                config=SSDConfig(k=4), seed=0,
+            )  # fmt: skip
+            out[mode] = res.tokens
+        assert out["ar"] == out["sd"] == out["ssd"]
+        assert all(len(t) > 0 for t in out["ar"])
+        assert target.open_handles == 0
