@@ -1,4 +1,4 @@
-"""Measure greedy draft acceptance on the bundled SmolLM2 and the bundled prompts.
+"""Measure draft acceptance on the bundled SmolLM2 and the bundled prompts.
 
 For each candidate draft spec, runs greedy speculative decoding (and optionally SSD)
 prompt by prompt, checks that the tokens equal plain greedy decoding (AR), and reports
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafts", nargs="+", default=[f"ngram:max_n={n}" for n in (1, 2, 3, 4)])
     parser.add_argument("--modes", nargs="+", default=["sd"], choices=["sd", "ssd"])
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="0 = greedy (tokens must equal AR); > 0 samples, identity is not checked",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="use the first N prompts")
@@ -44,15 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
-    target = from_gguf(args.target or smollm2_path(), n_threads=args.threads, n_ctx=1024, n_seq_max=4)
+    target = from_gguf(
+        args.target or smollm2_path(), n_threads=args.threads, n_ctx=1024, n_seq_max=4
+    )
     prompts = bundled_prompts(target)[: args.limit]
-    greedy = SamplingParams(temperature=0.0)
+    greedy = SamplingParams(temperature=args.temperature)
     config = SSDConfig(k=args.k)
     ar: dict[str, list[int]] = {}
     t0 = time.perf_counter()
     for p in prompts:
-        res = generate(target, None, prompts=[p["tokens"]], mode="ar",
-                       max_new_tokens=args.max_new_tokens, sampling=greedy, seed=0)
+        res = generate(
+            target,
+            None,
+            prompts=[p["tokens"]],
+            mode="ar",
+            max_new_tokens=args.max_new_tokens,
+            sampling=greedy,
+            seed=0,
+        )
         ar[p["id"]] = res.tokens[0]
     ar_s = time.perf_counter() - t0
     n_tokens = sum(len(t) for t in ar.values())
@@ -67,15 +80,22 @@ def main(argv: list[str] | None = None) -> int:
             per_prompt = {}
             t0 = time.perf_counter()
             for p in prompts:
-                res = generate(target, draft, prompts=[p["tokens"]], mode=mode,
-                               max_new_tokens=args.max_new_tokens, sampling=greedy,
-                               config=config, seed=0)
+                res = generate(
+                    target,
+                    draft,
+                    prompts=[p["tokens"]],
+                    mode=mode,
+                    max_new_tokens=args.max_new_tokens,
+                    sampling=greedy,
+                    config=config,
+                    seed=0,
+                )
                 m = res.metrics
                 proposed += m.proposed_tokens
                 accepted += m.accepted_tokens
                 passes += m.target_passes
                 generated += m.generated_tokens
-                identical &= res.tokens[0] == ar[p["id"]]
+                identical &= args.temperature > 0 or res.tokens[0] == ar[p["id"]]
                 per_prompt[p["id"]] = round(m.acceptance_rate, 3)
             wall = time.perf_counter() - t0
             row = {
@@ -87,12 +107,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             logger.info(
                 "%-24s %-3s acceptance %.3f  tokens/target pass %.2f  identical %s  %.1f s (AR %.1f s)",
-                spec, mode, row["acceptance_rate"], row["tokens_per_target_pass"], identical,
-                wall, ar_s,
+                spec,
+                mode,
+                row["acceptance_rate"],
+                row["tokens_per_target_pass"],
+                identical,
+                wall,
+                ar_s,
             )
     target.free()
-    result = {"target": str(args.target or smollm2_path().name), "k": args.k,
-              "max_new_tokens": args.max_new_tokens, "prompts": len(prompts), "rows": rows}
+    result = {
+        "target": str(args.target or smollm2_path().name),
+        "k": args.k,
+        "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "prompts": len(prompts),
+        "rows": rows,
+    }
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)

@@ -204,3 +204,16 @@ def test_unified_layout_shares_prefixes_and_stays_close(tiny_gguf: object) -> No
         expected = one_by_one(m, PROMPT[:5] + [20, 21, 22])[-3:]
         np.testing.assert_allclose(rows, expected, atol=0.2)
         assert (rows.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
+def test_chained_forks_before_any_decode(tiny: LlamaCppModel) -> None:
+    # Stream copies are applied lazily at the next decode, in order.
+    a = tiny.open(PROMPT)
+    b = tiny.fork(a, 8)
+    c = tiny.fork(b, 6)
+    tiny.close(a)
+    d = tiny.open([1, 2, 3])  # may reuse a's sequence id in the same decode as the copies
+    rows = tiny.extend([(c, [30]), (d, [31]), (b, [32])])
+    np.testing.assert_array_equal(rows[0], one_by_one(tiny, PROMPT[:6] + [30])[-1])
+    np.testing.assert_array_equal(rows[1], one_by_one(tiny, [1, 2, 3, 31])[-1])
+    np.testing.assert_array_equal(rows[2], one_by_one(tiny, PROMPT[:8] + [32])[-1])
