@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from ssd_core import BackendSpec
+from ssd_core import BackendSpec, Model
 
 from ._bundled import resolve_model_path, smollm2_path
 from ._model import LlamaCppModel
@@ -37,11 +37,12 @@ def from_gguf(path: str | Path, **options: Any) -> LlamaCppModel:
     return LlamaCppModel.from_gguf(path, **options)
 
 
-def _load(args: str, options: Mapping[str, Any]) -> LlamaCppModel:
+def _load(args: str, options: Mapping[str, Any]) -> Model:
     """``llama_cpp:PATH`` (or ``llama_cpp:smollm2``); options as in :class:`LlamaOptions`,
     unknown option names ignored (the CLI passes options meant for other backends)."""
     path = resolve_model_path(args)
-    return LlamaCppModel(path, LlamaOptions.from_mapping(options))
+    # LlamaCppModel.tokenizer is the narrower LlamaTokenizer; protocol attributes are invariant.
+    return cast(Model, LlamaCppModel(path, LlamaOptions.from_mapping(options)))
 
 
 BACKEND = BackendSpec(

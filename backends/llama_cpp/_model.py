@@ -23,6 +23,7 @@ every check (unknown handle, vocabulary, capacity) happens before calling into C
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import weakref
 from collections.abc import Sequence
@@ -54,14 +55,14 @@ def _free_native(model: Any, ctx: Any, batch: Any) -> None:
 
 
 def _meta_str(model: Any, key: str) -> str | None:
-    buf = llama_cpp.ctypes.create_string_buffer(256)
+    buf = ctypes.create_string_buffer(256)
     n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
     if n < 0:
         return None
     if n >= len(buf):
-        buf = llama_cpp.ctypes.create_string_buffer(n + 1)
+        buf = ctypes.create_string_buffer(n + 1)
         llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    return buf.value.decode("utf-8", errors="replace")
+    return str(buf.value.decode("utf-8", errors="replace"))
 
 
 class LlamaCppModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import BackendSpec, ConfigError
+from ssd_core import BackendSpec, ConfigError, Model
 
 from ._model import NgramModel
 
@@ -49,7 +49,7 @@ def parse_spec(args: str) -> dict[str, Any]:
     return out
 
 
-def _load(args: str, options: Mapping[str, Any]) -> NgramModel:
+def _load(args: str, options: Mapping[str, Any]) -> Model:
     """``ngram:max_n=3,alpha=0.01``; ``options["vocab_size"]`` (the target's) is required
     unless the spec names ``vocab_size``; ``options["context_size"]`` is used if given."""
     kw = parse_spec(args)

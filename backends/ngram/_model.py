@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ssd_core import ConfigError, Handle
+from ssd_core import ConfigError, Handle, Tokenizer
 
 from .._handles import HandleTable
 
@@ -82,7 +82,7 @@ class NgramModel:
     Build it with the target's ``vocab_size``; it needs no weights and no engine.
     """
 
-    tokenizer = None
+    tokenizer: Tokenizer | None = None
 
     def __init__(
         self,
