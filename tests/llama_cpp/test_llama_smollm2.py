@@ -66,3 +66,35 @@ def test_greedy_sd_and_ssd_equal_ar_on_bundled_prompts() -> None:
         assert out["ar"] == out["sd"] == out["ssd"]
         assert all(len(t) > 0 for t in out["ar"])
         assert target.open_handles == 0
+
+
+def test_sd_first_token_follows_the_target_at_temperature_one() -> None:
+    """SD at T = 1 with the n-gram draft: the first token's frequencies match softmax(target)."""
+    from scipy.stats import chisquare
+
+    from backends.ngram import NgramModel
+    from ssd_core import SamplingParams, SSDConfig, generate
+
+    with from_gguf(smollm2_or_skip(), n_threads=1, n_ctx=64, n_seq_max=64) as target:
+        tok = target.tokenizer
+        prompt = tok.encode("one two three one two three one two")
+        h = target.open(prompt[:-1])
+        z = target.extend([(h, prompt[-1:])])[0].astype(np.float64)
+        target.close(h)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        draft = NgramModel(vocab_size=target.vocab_size, max_n=3, alpha=0.01)
+        firsts: list[int] = []
+        for seed in range(4):
+            res = generate(
+                target, draft, prompts=[prompt] * 64, mode="sd", max_new_tokens=1,
+                sampling=SamplingParams(temperature=1.0), config=SSDConfig(k=4), seed=seed,
+            )  # fmt: skip
+            firsts += [t[0] for t in res.tokens]
+        n = len(firsts)
+        counts = np.bincount(firsts, minlength=target.vocab_size).astype(np.float64)
+        big = np.flatnonzero(p * n >= 5)  # bins with enough expected mass; the rest pooled
+        observed = np.append(counts[big], n - counts[big].sum())
+        expected = np.append(p[big] * n, n - (p[big] * n).sum())
+        keep = expected > 0
+        assert chisquare(observed[keep], expected[keep]).pvalue > 1e-3
