@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._api import GenerateResult, GenerationError, StreamEvent, generate, stream
+from ._api import GenerateResult, GenerationError, Stream, StreamEvent, generate, stream
 from ._config import SamplingParams, SSDConfig
 from ._errors import (
     BackendContractError,
@@ -15,9 +15,9 @@ from ._errors import (
     SSDError,
     UnknownOptionError,
 )
-from ._latency import LatencyModel
 from ._events import Lane
 from ._fanout import geometric_fanout
+from ._latency import LatencyModel
 from ._machine import TRANSITIONS, Machine, Phase, Speculation
 from ._metrics import Metrics
 from ._protocol import Handle, Model, Tokenizer
@@ -40,6 +40,7 @@ __all__ = [
     "SamplingParams",
     "SeededSource",
     "Speculation",
+    "Stream",
     "StreamEvent",
     "generate",
     "geometric_fanout",

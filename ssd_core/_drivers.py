@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._errors import InternalError
-from ._events import Lane, Request, cost_of, perform
+from ._events import Fork, Lane, Open, Request, cost_of, perform
 from ._machine import Machine
 from ._protocol import Model
 
@@ -37,17 +37,19 @@ log = logging.getLogger("ssd_core")
 DRIVERS = ("sequential", "threaded", "simulated")
 
 
+def _close_quietly(model: Model, lane: Lane, handles: Any) -> None:
+    for h in handles:
+        try:
+            model.close(h)
+        except Exception as exc:  # already closed, or the backend is broken: say so
+            log.warning("closing %s handle %r after an aborted run failed: %r", lane.value, h, exc)
+
+
 def _release(machine: Machine, models: dict[Lane, Model]) -> None:
     """Close every handle the machine still holds (after a failure or an early stop)."""
     for lane, handles in machine.live_handles().items():
-        model = models.get(lane)
-        if model is None:
-            continue
-        for h in handles:
-            try:
-                model.close(h)
-            except Exception as exc:  # already closed, or the backend is broken: say so
-                log.warning("closing %s handle %r after an aborted run failed: %r", lane.value, h, exc)
+        if lane in models:
+            _close_quietly(models[lane], lane, handles)
 
 
 def _sequential(machine: Machine, models: dict[Lane, Model], clock: list[float]) -> Iterator[None]:
@@ -153,10 +155,13 @@ def _threaded(machine: Machine, models: dict[Lane, Model], clock: list[float]) -
             clock[0] = time.perf_counter() - start
             yield
     finally:
-        # Let requests still running finish before anyone touches the models again.
+        # Let requests still running finish before anyone touches the models again;
+        # handles they created are unknown to the machine, so close them here.
         while in_flight:
-            lane, *_ = done.get()
+            lane, req, result, exc, _ = done.get()
             in_flight.discard(lane)
+            if exc is None and isinstance(req, (Fork, Open)):
+                _close_quietly(models[lane], lane, result)
         for w in workers.values():
             w.stop()
     clock[0] = time.perf_counter() - start
