@@ -39,8 +39,15 @@ def from_gguf(path: str | Path, **options: Any) -> LlamaCppModel:
 
 def _load(args: str, options: Mapping[str, Any]) -> Model:
     """``llama_cpp:PATH`` (or ``llama_cpp:smollm2``); options as in :class:`LlamaOptions`,
-    unknown option names ignored (the CLI passes options meant for other backends)."""
+    unknown option names ignored (the CLI passes options meant for other backends).
+
+    With ``options["role"] == "draft"`` the defaults change to ``batch_invariant=False``
+    (one unified KV pool: forks share prefix cells; a draft's logits need not be
+    history-independent, the core records the q it used) and ``n_seq_max=64`` (room for
+    the speculation tree's branches)."""
     path = resolve_model_path(args)
+    if options.get("role") == "draft":
+        options = {"batch_invariant": False, "n_seq_max": 64, **options}
     # LlamaCppModel.tokenizer is the narrower LlamaTokenizer; protocol attributes are invariant.
     return cast(Model, LlamaCppModel(path, LlamaOptions.from_mapping(options)))
 

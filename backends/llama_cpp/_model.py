@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +300,27 @@ class LlamaCppModel:
         self._live()
         self._table.tokens(handle)
         return int(llama_cpp.llama_memory_seq_pos_max(self._mem, self._seq[handle])) + 1  # type: ignore[index]
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the GGUF's chat template.
+
+        Args:
+            messages: ``[{"role": "user", "content": "..."}, ...]``.
+            add_generation_prompt: end with the assistant turn's header.
+
+        Returns:
+            The prompt ids (special tokens of the template parsed; no extra BOS
+            unless the template writes one).
+
+        Raises:
+            ConfigError: the GGUF has no chat template.
+        """
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value as text (``general.name``, ``llama.block_count``...)."""

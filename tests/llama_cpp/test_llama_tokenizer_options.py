@@ -68,3 +68,22 @@ def test_registry_loads_by_spec(tiny_gguf: Path) -> None:
         assert model.extend([(h, [3])]).shape == (1, 324)
     finally:
         model.free()
+
+
+def test_model_level_chat_template_gives_ids(tiny: LlamaCppModel) -> None:
+    ids = tiny.apply_chat_template([{"role": "user", "content": "hi"}])
+    text = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids == tiny.tokenizer.encode(text, add_special_tokens=False)
+    assert ids[0] == 3
+
+
+def test_draft_role_defaults(tiny_gguf: Path) -> None:
+    spec = load_backend("llama_cpp")
+    draft = spec.load(str(tiny_gguf), {"role": "draft", "threads": 1, "n_ctx": 64})
+    target = spec.load(str(tiny_gguf), {"role": "target", "threads": 1, "n_ctx": 64})
+    try:
+        assert draft.options.unified and draft.options.n_seq_max == 64  # type: ignore[attr-defined]
+        assert not target.options.unified  # type: ignore[attr-defined]
+    finally:
+        draft.free()  # type: ignore[attr-defined]
+        target.free()  # type: ignore[attr-defined]
