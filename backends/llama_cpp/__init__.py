@@ -56,7 +56,7 @@ BACKEND = BackendSpec(
     name="llama_cpp",
     load=_load,
     default_target="llama_cpp:smollm2",
-    default_draft="ngram:max_n=3,alpha=0.01",
+    default_draft="ngram:max_n=3,alpha=1e-8",
     description="GGUF models on llama.cpp (CPU; GPU when llama-cpp-python is built for it)",
 )
 

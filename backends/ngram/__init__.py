@@ -73,6 +73,6 @@ BACKEND = BackendSpec(
     name="ngram",
     load=_load,
     default_target=None,
-    default_draft="ngram:max_n=3,alpha=0.01",
+    default_draft="ngram:max_n=3,alpha=1e-8",
     description="model-free n-gram / prompt-lookup draft from each sequence's own history",
 )

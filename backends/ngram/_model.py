@@ -89,7 +89,7 @@ class NgramModel:
         *,
         vocab_size: int,
         max_n: int = 3,
-        alpha: float = 0.01,
+        alpha: float = 1e-8,
         context_size: int | None = None,
         name: str | None = None,
     ) -> None:
@@ -102,8 +102,8 @@ class NgramModel:
                 probability 0. The vocabulary gets ``alpha * vocab_size`` pseudo-counts
                 in all: at vocab 49152, ``alpha=0.01`` is 491 pseudo-counts, which
                 swamps a history's few real counts, and a sampled draft token is then
-                nearly uniform (measured acceptance at T = 1: 0.7 %). Greedy drafting
-                does not depend on alpha.
+                nearly uniform (measured acceptance at T = 1 on SmolLM2: 0.7 %, against
+                11.2 % with the default 1e-8). Greedy drafting does not depend on alpha.
             context_size: the most tokens one handle may hold (``None``: unbounded).
             name: the model's name in reports.
 
