@@ -45,29 +45,37 @@ def check_determinism(p: Probe, s: Settings) -> str:
 
 
 def check_extend_vs_prefill(p: Probe, s: Settings) -> str:
-    """``open(prefix) + extend(rest)`` equals one extend from empty, at every position."""
+    """Multi-token extends, prefills and chunked extends all equal one-token extends.
+
+    The baseline for position ``j`` is a fresh handle: ``open(first j tokens)`` then
+    ``extend`` of token ``j`` alone. Against it: one extend of the whole sequence from
+    empty, ``open(prefix) + extend(rest)`` at several split points, token-by-token
+    extends of one handle, and random-size chunks.
+    """
     seq = p.tokens(seq_len(p, s))
     n = len(seq)
+    base = p.fresh_rows([], seq)
+    against = "fresh handles (open of the first j tokens, then extend of token j alone)"
     full = p.extend_one(p.open([], "open([])"), seq, f"extend of all {n} tokens from empty")
-    against = f"open([]) + one extend of all {n} tokens"
-    splits = range(n) if not s.quick else sorted({0, 1, n // 2, n - 1} & set(range(n)))
+    p.compare(full, base, f"open([]) + one extend of {n} tokens", context_len=0, against=against)
+    splits = range(1, n) if not s.quick else sorted({1, n // 2, n - 1} & set(range(1, n)))
     for cut in splits:
         h = p.open(seq[:cut], f"open({cut} tokens)")
         got = p.extend_one(h, seq[cut:], f"extend of {n - cut} tokens after open({cut})")
-        p.compare(got, full[cut:], f"open({cut} tokens) + extend({n - cut} tokens)",
+        p.compare(got, base[cut:], f"open({cut} tokens) + extend({n - cut} tokens)",
                   context_len=cut, against=against)
     step = p.open([], "open([]) for token-by-token extends")
     for j, tok in enumerate(seq):
         got = p.extend_one(step, [tok], f"token-by-token extend #{j}")
-        p.compare(got, full[j : j + 1], f"token-by-token extend #{j}", context_len=j,
-                  against=against)
+        p.compare(got, base[j : j + 1], f"token-by-token extend #{j} of one handle",
+                  context_len=j, against=against)
     chunked = p.open([], "open([]) for chunked extends")
     pos = 0
     while pos < n:
         size = int(p.rng.integers(1, 5))
         got = p.extend_one(chunked, seq[pos : pos + size], f"chunk of {size} at {pos}")
-        p.compare(got, full[pos : pos + size], f"extend of a {len(got)}-token chunk at position {pos}",
-                  context_len=pos, against=against)
+        p.compare(got, base[pos : pos + size], f"extend of a {len(got)}-token chunk at position "
+                  f"{pos}", context_len=pos, against=against)
         pos += size
     return _figure(p)
 
@@ -117,7 +125,8 @@ def check_fork_independence(p: Probe, s: Settings) -> str:
     p.truncate(parent, 1, "truncate(parent, 1)")
     p.expect_rows(parent, w, base[:1], "parent extended after truncate(parent, 1)")
     p.expect_rows(child, w, base[:k] + x,
-                  "child extended after the parent was truncated and extended",
+                  "child extended after the parent was truncated and re-extended (a fork "
+                  "must not see its parent's later changes)",
                   explain=[("the parent's tokens: the fork shares state with its parent",
                             base[:1] + w)])
     grandchild = p.fork(child, k + 1, f"fork(child, {k + 1})")

@@ -273,7 +273,7 @@ class Probe:
                     f"{against}: max |diff| {d:.3g} > tolerance {tol:g}."
                 )
                 hints = [label for label, rows in explain if max_abs_diff(got, rows()) <= tol]
-                hints += _shift_hints(got, want, tol)
+                hints = hints or _shift_hints(got, want, tol)
                 if hints:
                     msg += " The returned rows match " + "; and ".join(hints) + "."
                 raise Fault(msg)
@@ -288,14 +288,14 @@ def _locate(row: int, lengths: Sequence[int]) -> tuple[int, int]:
 
 
 def _shift_hints(got: np.ndarray, want: np.ndarray, tol: float) -> list[str]:
-    """Recognise rows that are the expected rows moved by one position."""
+    """Recognise rows that are the expected rows moved by one position (first match)."""
     n = len(want)
-    hints = []
+    hints: list[str] = []
     if n >= 2 and max_abs_diff(got[1:], want[:-1]) <= tol:
         hints.append("the expected rows one position earlier (each row lags one token behind)")
-    if n >= 2 and max_abs_diff(got[:-1], want[1:]) <= tol:
+    if not hints and n >= 2 and max_abs_diff(got[:-1], want[1:]) <= tol:
         hints.append("the expected rows one position later (each row runs one token ahead)")
-    if n >= 2 and max_abs_diff(got[1:], want[1:]) <= tol:
+    if not hints and n >= 2 and max_abs_diff(got[1:], want[1:]) <= tol:
         hints.append(
             "the expected rows except the first (the first appended token's row comes from "
             "the wrong position)"
