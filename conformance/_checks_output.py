@@ -63,12 +63,19 @@ def check_attributes(p: Probe, s: Settings) -> str:
 
 def check_shapes(p: Probe, s: Settings) -> str:
     """Logits are 2-D, one row per appended token, ``vocab_size`` columns, real floats."""
-    a = p.open(p.tokens(3), "open(3 tokens)")
+    cap = p.model.context_size or 1 << 30
+
+    def n(k: int, held: int = 0) -> int:  # k tokens, or fewer if the context is tiny
+        return max(1, min(k, cap - held))
+
+    a = p.open(p.tokens(n(1, 1)), "open(1 token)")
     p.extend_one(a, p.tokens(1), "extend of 1 token")
-    p.extend_one(a, p.tokens(4), "extend of 4 tokens")
     b = p.open([], "open([])")
-    c = p.open(p.tokens(2), "open(2 tokens)")
-    p.extend([(a, p.tokens(2)), (b, p.tokens(3)), (c, p.tokens(1))], "batch of 3 requests (2+3+1 tokens)")
+    p.extend_one(b, p.tokens(n(4)), f"extend of {n(4)} tokens")
+    reqs = [(p.open([], "open([])"), p.tokens(n(2))), (p.open(p.tokens(1), "open(1 token)"),
+            p.tokens(n(3, 1))), (p.open([], "open([])"), p.tokens(1))]
+    sizes = "+".join(str(len(t)) for _, t in reqs)
+    p.extend(reqs, f"batch of 3 requests ({sizes} tokens)")
     info = p.dtype
     return f"dtype {info.name if info else '?'}"
 

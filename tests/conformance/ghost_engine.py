@@ -1,0 +1,14 @@
+"""A registered backend whose engine is missing (for the skip test)."""
+
+from __future__ import annotations
+
+from backends import BackendSpec
+
+
+def _load(args, options):  # type: ignore[no-untyped-def]
+    import ghost_engine_that_is_not_installed  # noqa: F401
+
+    raise AssertionError("unreachable")
+
+
+BACKEND = BackendSpec(name="ghost", load=_load, default_target="ghost:tiny")

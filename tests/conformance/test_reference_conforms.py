@@ -1,0 +1,106 @@
+"""Every in-house backend that exists passes the suite; engines not installed skip."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import conformance
+from backends import available_backends
+from backends.reference import ReferenceModel
+
+from .broken import Wrapper, reference
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(vocab_size=64, order=2, seed=1),
+        dict(vocab_size=16, order=3, seed=2, context_size=12),
+        dict(vocab_size=40, order=1, seed=5, zero_fraction=0.3),  # -inf logits are allowed
+        dict(vocab_size=8, order=1, seed=0, context_size=5),  # tiny context: checks shrink
+    ],
+    ids=["order2", "order3-context12", "zero-mass", "context5"],
+)
+def test_reference_backend_passes(kwargs: dict) -> None:
+    report = conformance.assert_conforms(lambda: ReferenceModel.random(**kwargs))
+    assert report.passed
+    skipped = {r.name for r in report.rows if r.status is conformance.Status.SKIPPED}
+    assert skipped == (set() if "context_size" in kwargs else {"context_capacity"})
+
+
+def test_reference_whole_context_model_passes() -> None:
+    def fn(ctx: tuple[int, ...]) -> np.ndarray:
+        rng = np.random.default_rng(abs(hash(ctx)) % (1 << 32))
+        return rng.standard_normal(12)
+
+    report = conformance.check_model(
+        lambda: ReferenceModel.from_callable(fn, vocab_size=12, order=None), quick=True
+    )
+    report.raise_for_failures()
+
+
+def test_full_run_passes_on_reference() -> None:
+    report = conformance.check_model(lambda: reference(context_size=20), quick=False)
+    report.raise_for_failures()
+    walk = next(r for r in report.rows if r.name == "stateful_walk")
+    assert walk.measured.startswith("1500 ops")
+
+
+def test_quick_budget_on_reference() -> None:
+    """--quick must stay well under 2 minutes on 2 cores (it takes well under 1 s)."""
+    start = time.perf_counter()
+    conformance.check_backend("reference").raise_for_failures()
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("name", sorted(available_backends()))
+def test_every_registered_backend_passes_or_skips_with_reason(name: str) -> None:
+    report = conformance.check_backend(name)
+    report.raise_for_failures()
+    if not report.passed:
+        assert report.status is conformance.Status.SKIPPED
+        assert report.rows[0].message, "a skip must say why"
+        pytest.skip(f"{name}: {report.rows[0].message}")
+
+
+class Float32(Wrapper):
+    """The reference, rounded to float32 (what most engines return)."""
+
+    def extend(self, requests):  # type: ignore[no-untyped-def]
+        return np.asarray(self.inner.extend(requests), dtype=np.float32)
+
+
+class Torch(Wrapper):
+    """The reference, returned as torch tensors of a chosen dtype."""
+
+    dtype = "float32"
+
+    def extend(self, requests):  # type: ignore[no-untyped-def]
+        import torch
+
+        out = torch.from_numpy(self.inner.extend(requests))
+        return out.to(getattr(torch, self.dtype))
+
+
+def test_float32_logits_get_float32_tolerance() -> None:
+    report = conformance.assert_conforms(Float32)
+    assert "tolerance 0.0001" in report.settings
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_torch_tensors_are_converted(dtype: str) -> None:
+    pytest.importorskip("torch")
+    cls = type(f"Torch_{dtype}", (Torch,), {"dtype": dtype})
+    report = conformance.assert_conforms(cls)
+    assert f"torch.{dtype}" in next(r.measured for r in report.rows if r.name == "shapes_dtypes")
+
+
+def test_torch_integer_logits_fail() -> None:
+    pytest.importorskip("torch")
+    cls = type("TorchInt", (Torch,), {"dtype": "int64"})
+    report = conformance.check_model(cls, only=["shapes_dtypes"])
+    assert report.failed
+    assert "real floating dtype" in report.rows[0].message
