@@ -43,7 +43,9 @@ def check_attributes(p: Probe, s: Settings) -> str:
     if isinstance(vocab, bool) or not isinstance(vocab, numbers.Integral) or vocab < 1:
         raise Fault(f"model.vocab_size must be an int >= 1, got {vocab!r}")
     ctx = getattr(m, "context_size", "missing")
-    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, numbers.Integral) or ctx < 1):
+    if ctx is not None and (
+        isinstance(ctx, bool) or not isinstance(ctx, numbers.Integral) or ctx < 1
+    ):
         raise Fault(f"model.context_size must be None (unbounded) or an int >= 1, got {ctx!r}")
     if not hasattr(m, "tokenizer"):
         raise Fault("model.tokenizer is missing; set it to None for an id-only model")
@@ -72,8 +74,11 @@ def check_shapes(p: Probe, s: Settings) -> str:
     p.extend_one(a, p.tokens(1), "extend of 1 token")
     b = p.open([], "open([])")
     p.extend_one(b, p.tokens(n(4)), f"extend of {n(4)} tokens")
-    reqs = [(p.open([], "open([])"), p.tokens(n(2))), (p.open(p.tokens(1), "open(1 token)"),
-            p.tokens(n(3, 1))), (p.open([], "open([])"), p.tokens(1))]
+    reqs = [
+        (p.open([], "open([])"), p.tokens(n(2))),
+        (p.open(p.tokens(1), "open(1 token)"), p.tokens(n(3, 1))),
+        (p.open([], "open([])"), p.tokens(1)),
+    ]
     sizes = "+".join(str(len(t)) for _, t in reqs)
     p.extend(reqs, f"batch of 3 requests ({sizes} tokens)")
     info = p.dtype
@@ -89,13 +94,22 @@ def check_empty_open(p: Probe, s: Settings) -> str:
     toks = p.tokens(3)
     rows = p.extend_one(a, toks, "extend of an empty handle")
     again = p.extend_one(b, toks, "same extend on a second empty handle")
-    p.compare(again, rows, "second empty handle", context_len=0,
-              against="the first empty handle given the same tokens")
+    p.compare(
+        again,
+        rows,
+        "second empty handle",
+        context_len=0,
+        against="the first empty handle given the same tokens",
+    )
     full = p.open(p.tokens(4), "open(4 tokens)")
     empty = p.fork(full, 0, "fork(handle, 0)")
-    p.compare(p.extend_one(empty, toks, "extend of fork(handle, 0)"), rows,
-              "fork(handle, 0) then extend", context_len=0,
-              against="an open([]) handle given the same tokens")
+    p.compare(
+        p.extend_one(empty, toks, "extend of fork(handle, 0)"),
+        rows,
+        "fork(handle, 0) then extend",
+        context_len=0,
+        against="an open([]) handle given the same tokens",
+    )
     return f"max|diff| {p.max_diff:.3g}"
 
 
@@ -120,16 +134,22 @@ def check_invalid_tokens(p: Probe, s: Settings) -> str:
     prompt = p.tokens(3)
     h = p.open(prompt, "open(3 tokens)")
     p.expect_raise(InputError, lambda: p.model.extend([(h, [v])]), f"extend with token {v}")
-    p.expect_raise(InputError, lambda: p.model.extend([(h, [0, v + 5])]),
-                   f"extend with tokens [0, {v + 5}]")
+    p.expect_raise(
+        InputError, lambda: p.model.extend([(h, [0, v + 5])]), f"extend with tokens [0, {v + 5}]"
+    )
     other = p.open(p.tokens(2), "open(2 tokens)")
-    p.expect_raise(InputError, lambda: p.model.extend([(other, [1]), (h, [-3])]),
-                   "batch whose second request holds token -3")
-    p.expect_rows(h, p.tokens(2), prompt,
-                  "extend after the rejected extends (a rejected extend must leave the handle "
-                  "unchanged)",
-                  explain=[("a handle that kept the valid token 0 of the rejected extend",
-                            prompt + [0])])
+    p.expect_raise(
+        InputError,
+        lambda: p.model.extend([(other, [1]), (h, [-3])]),
+        "batch whose second request holds token -3",
+    )
+    p.expect_rows(
+        h,
+        p.tokens(2),
+        prompt,
+        "extend after the rejected extends (a rejected extend must leave the handle unchanged)",
+        explain=[("a handle that kept the valid token 0 of the rejected extend", prompt + [0])],
+    )
     return "InputError raised"
 
 
@@ -140,20 +160,36 @@ def check_capacity(p: Probe, s: Settings) -> str:
         raise Skip("context_size is None (unbounded)")
     room = int(room)
     if room > s.max_context:
-        raise Skip(f"context_size {room} > max_context {s.max_context}; raise max_context to run it")
+        raise Skip(
+            f"context_size {room} > max_context {s.max_context}; raise max_context to run it"
+        )
     prompt = p.tokens(room - 1)
     h = p.open(prompt, f"open({room - 1} tokens), one below context_size")
     last = p.tokens(1)
     p.expect_rows(h, last, prompt, f"extend to exactly context_size={room}")
     full = prompt + last
-    p.expect_raise(CapacityError, lambda: p.model.extend([(h, p.tokens(1))]),
-                   f"extend past context_size={room}")
-    p.expect_raise(CapacityError, lambda: p.model.open(p.tokens(room + 1)),
-                   f"open({room + 1} tokens) past context_size")
+    p.expect_raise(
+        CapacityError,
+        lambda: p.model.extend([(h, p.tokens(1))]),
+        f"extend past context_size={room}",
+    )
+    p.expect_raise(
+        CapacityError,
+        lambda: p.model.open(p.tokens(room + 1)),
+        f"open({room + 1} tokens) past context_size",
+    )
     g = p.open(prompt[:-1], f"open({room - 2} tokens)")
-    p.expect_raise(CapacityError, lambda: p.model.extend([(g, p.tokens(3))]),
-                   f"extend of 3 tokens from {room - 2} (crosses context_size)")
+    p.expect_raise(
+        CapacityError,
+        lambda: p.model.extend([(g, p.tokens(3))]),
+        f"extend of 3 tokens from {room - 2} (crosses context_size)",
+    )
     p.truncate(h, room - 1, f"truncate(full handle, {room - 1})")
-    p.expect_rows(h, last, prompt, "extend after the refused extend and a truncate",
-                  explain=[("a handle that also kept the refused token", full)])
+    p.expect_rows(
+        h,
+        last,
+        prompt,
+        "extend after the refused extend and a truncate",
+        explain=[("a handle that also kept the refused token", full)],
+    )
     return f"context {room}"

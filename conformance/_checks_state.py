@@ -39,8 +39,13 @@ def check_determinism(p: Probe, s: Settings) -> str:
     busy = [p.open(p.tokens(3), "unrelated handle") for _ in range(3)]
     p.extend([(h, p.tokens(2)) for h in busy], "unrelated work")
     third = p.extend_one(p.open(seq[:cut], "open"), seq[cut:], "third handle after other work")
-    p.compare(third, first, "third handle, same tokens, after unrelated work", context_len=cut,
-              against=against)
+    p.compare(
+        third,
+        first,
+        "third handle, same tokens, after unrelated work",
+        context_len=cut,
+        against=against,
+    )
     return _figure(p)
 
 
@@ -62,20 +67,35 @@ def check_extend_vs_prefill(p: Probe, s: Settings) -> str:
     for cut in splits:
         h = p.open(seq[:cut], f"open({cut} tokens)")
         got = p.extend_one(h, seq[cut:], f"extend of {n - cut} tokens after open({cut})")
-        p.compare(got, base[cut:], f"open({cut} tokens) + extend({n - cut} tokens)",
-                  context_len=cut, against=against)
+        p.compare(
+            got,
+            base[cut:],
+            f"open({cut} tokens) + extend({n - cut} tokens)",
+            context_len=cut,
+            against=against,
+        )
     step = p.open([], "open([]) for token-by-token extends")
     for j, tok in enumerate(seq):
         got = p.extend_one(step, [tok], f"token-by-token extend #{j}")
-        p.compare(got, base[j : j + 1], f"token-by-token extend #{j} of one handle",
-                  context_len=j, against=against)
+        p.compare(
+            got,
+            base[j : j + 1],
+            f"token-by-token extend #{j} of one handle",
+            context_len=j,
+            against=against,
+        )
     chunked = p.open([], "open([]) for chunked extends")
     pos = 0
     while pos < n:
         size = int(p.rng.integers(1, 5))
         got = p.extend_one(chunked, seq[pos : pos + size], f"chunk of {size} at {pos}")
-        p.compare(got, base[pos : pos + size], f"extend of a {len(got)}-token chunk at position "
-                  f"{pos}", context_len=pos, against=against)
+        p.compare(
+            got,
+            base[pos : pos + size],
+            f"extend of a {len(got)}-token chunk at position {pos}",
+            context_len=pos,
+            against=against,
+        )
         pos += size
     return _figure(p)
 
@@ -86,20 +106,26 @@ def check_batched_vs_separate(p: Probe, s: Settings) -> str:
     length = seq_len(p, s)
     prompts = [p.tokens(int(p.rng.integers(0, length))) for _ in range(n_req)]
     news = [p.tokens(int(p.rng.integers(1, 5))) for _ in range(n_req)]
-    alone = [p.extend_one(p.open(pr, "open"), nw, f"request {i} alone")
-             for i, (pr, nw) in enumerate(zip(prompts, news))]
-    for order_name, order in (("in order", list(range(n_req))),
-                              ("reversed", list(reversed(range(n_req))))):
+    alone = [
+        p.extend_one(p.open(pr, "open"), nw, f"request {i} alone")
+        for i, (pr, nw) in enumerate(zip(prompts, news, strict=True))
+    ]
+    for order_name, order in (
+        ("in order", list(range(n_req))),
+        ("reversed", list(reversed(range(n_req)))),
+    ):
         handles = {i: p.open(prompts[i], "open") for i in order}
         out = p.extend([(handles[i], news[i]) for i in order], f"batch of {n_req} ({order_name})")
         for pos_in_batch, i in enumerate(order):
             p.compare(
-                out[pos_in_batch], alone[i],
+                out[pos_in_batch],
+                alone[i],
                 f"request {i} ({len(prompts[i])}-token prompt, {len(news[i])} new tokens) at "
                 f"place {pos_in_batch} of a {n_req}-request batch ({order_name})",
-                context_len=len(prompts[i]), tolerance=p.batch_tolerance,
+                context_len=len(prompts[i]),
+                tolerance=p.batch_tolerance,
                 against="the same request extended alone (logits depend on what else is in "
-                        "the batch)",
+                "the batch)",
             )
     return _figure(p)
 
@@ -112,27 +138,57 @@ def check_fork_independence(p: Probe, s: Settings) -> str:
     child = p.fork(parent, k, f"fork(parent, {k})")
     twin = p.fork(parent, n, f"fork(parent, {n}) (full copy)")
     x, y, z, w = p.tokens(2), p.tokens(2), p.tokens(2), p.tokens(1)
-    p.expect_rows(child, x, base[:k], f"extend of the child fork(parent, {k})",
-                  explain=[("a handle still holding all the parent's tokens", base)])
-    p.expect_rows(parent, y, base, "parent extended after its child was extended",
-                  explain=[("a handle holding the child's tokens: the fork shares state "
-                            "(KV cache) with its parent", base[:k] + x)])
-    p.expect_rows(twin, z, base, "sibling fork extended after parent and child were",
-                  explain=[("a handle holding the parent's new tokens: the fork shares state "
-                            "with its parent", base + y),
-                           ("a handle holding the other child's tokens: siblings share state",
-                            base[:k] + x)])
+    p.expect_rows(
+        child,
+        x,
+        base[:k],
+        f"extend of the child fork(parent, {k})",
+        explain=[("a handle still holding all the parent's tokens", base)],
+    )
+    p.expect_rows(
+        parent,
+        y,
+        base,
+        "parent extended after its child was extended",
+        explain=[
+            (
+                "a handle holding the child's tokens: the fork shares state "
+                "(KV cache) with its parent",
+                base[:k] + x,
+            )
+        ],
+    )
+    p.expect_rows(
+        twin,
+        z,
+        base,
+        "sibling fork extended after parent and child were",
+        explain=[
+            (
+                "a handle holding the parent's new tokens: the fork shares state with its parent",
+                base + y,
+            ),
+            ("a handle holding the other child's tokens: siblings share state", base[:k] + x),
+        ],
+    )
     p.truncate(parent, 1, "truncate(parent, 1)")
     p.expect_rows(parent, w, base[:1], "parent extended after truncate(parent, 1)")
-    p.expect_rows(child, w, base[:k] + x,
-                  "child extended after the parent was truncated and re-extended (a fork "
-                  "must not see its parent's later changes)",
-                  explain=[("the parent's tokens: the fork shares state with its parent",
-                            base[:1] + w)])
+    p.expect_rows(
+        child,
+        w,
+        base[:k] + x,
+        "child extended after the parent was truncated and re-extended (a fork "
+        "must not see its parent's later changes)",
+        explain=[("the parent's tokens: the fork shares state with its parent", base[:1] + w)],
+    )
     grandchild = p.fork(child, k + 1, f"fork(child, {k + 1})")
     p.close(child, "close(child)")
-    p.expect_rows(grandchild, w, (base[:k] + x)[: k + 1],
-                  "grandchild extended after its parent (the child) was closed")
+    p.expect_rows(
+        grandchild,
+        w,
+        (base[:k] + x)[: k + 1],
+        "grandchild extended after its parent (the child) was closed",
+    )
     p.expect_rows(twin, w, base + z, "sibling extended after the other child was closed")
     return _figure(p)
 
@@ -146,17 +202,30 @@ def check_truncate(p: Probe, s: Settings) -> str:
     for k in dict.fromkeys(x for x in lengths if x >= 0):
         p.truncate(h, k, f"truncate(handle, {k}) of a {n}-token handle")
         new = p.tokens(int(p.rng.integers(1, 4)))
-        explain = [(f"a handle holding {k + 1} tokens (truncate kept one token too many)",
-                    seq[: k + 1])] if k < n else []
+        explain = (
+            [(f"a handle holding {k + 1} tokens (truncate kept one token too many)", seq[: k + 1])]
+            if k < n
+            else []
+        )
         if k >= 1:
-            explain.append((f"a handle holding {k - 1} tokens (truncate kept one token too few)",
-                            seq[: k - 1]))
-        p.expect_rows(h, new, seq[:k], f"extend of {len(new)} after truncate(handle, {k}) "
-                      f"of a {n}-token handle", explain=explain)
+            explain.append(
+                (f"a handle holding {k - 1} tokens (truncate kept one token too few)", seq[: k - 1])
+            )
+        p.expect_rows(
+            h,
+            new,
+            seq[:k],
+            f"extend of {len(new)} after truncate(handle, {k}) of a {n}-token handle",
+            explain=explain,
+        )
         p.truncate(h, k, f"truncate(handle, {k}) again, undoing the extend")
         if k < n:
-            p.expect_rows(h, seq[k:], seq[:k], f"re-extend of the original {n - k} tokens "
-                          f"after truncate(handle, {k})")
+            p.expect_rows(
+                h,
+                seq[k:],
+                seq[:k],
+                f"re-extend of the original {n - k} tokens after truncate(handle, {k})",
+            )
     return _figure(p)
 
 
@@ -170,18 +239,27 @@ def check_close(p: Probe, s: Settings) -> str:
     p.expect_raise(HandleError, lambda: p.model.fork(h, 1), "fork of a closed handle")
     p.expect_raise(HandleError, lambda: p.model.truncate(h, 1), "truncate of a closed handle")
     p.expect_raise(HandleError, lambda: p.model.close(h), "second close of a handle")
-    p.expect_raise(HandleError, lambda: p.model.extend([(keep, [1]), (h, [0])]),
-                   "batch holding a closed handle")
-    p.expect_rows(keep, p.tokens(2), prompt,
-                  "other handle extended after closing one (and after a rejected batch)")
+    p.expect_raise(
+        HandleError,
+        lambda: p.model.extend([(keep, [1]), (h, [0])]),
+        "batch holding a closed handle",
+    )
+    p.expect_rows(
+        keep,
+        p.tokens(2),
+        prompt,
+        "other handle extended after closing one (and after a rejected batch)",
+    )
     cycles = 4 * max(s.n_handles, 16) if s.quick else 16 * max(s.n_handles, 16)
     for i in range(cycles):
         p.step = f"open/extend/close cycle {i} of {cycles}"
         try:
             g = p.open(p.tokens(2), p.step)
         except CapacityError as exc:
-            raise Fault(f"{p.step}: open raised CapacityError after {i} closed handles; "
-                        f"close() does not release them ({exc})") from exc
+            raise Fault(
+                f"{p.step}: open raised CapacityError after {i} closed handles; "
+                f"close() does not release them ({exc})"
+            ) from exc
         p.extend_one(g, p.tokens(1), p.step)
         p.close(g, p.step)
     return f"{cycles} open/close cycles"
@@ -191,8 +269,11 @@ def check_handle_errors(p: Probe, s: Settings) -> str:
     """Unknown handles and lengths beyond a handle's raise HandleError."""
     h = p.open(p.tokens(4), "open(4 tokens)")
     stranger = ("not", "a", "handle", 424242)
-    p.expect_raise(HandleError, lambda: p.model.extend([(stranger, [0])]),
-                   "extend of a handle the model never made")
+    p.expect_raise(
+        HandleError,
+        lambda: p.model.extend([(stranger, [0])]),
+        "extend of a handle the model never made",
+    )
     p.expect_raise(HandleError, lambda: p.model.fork(h, 5), "fork(4-token handle, 5)")
     p.expect_raise(HandleError, lambda: p.model.fork(h, -1), "fork(handle, -1)")
     p.expect_raise(HandleError, lambda: p.model.truncate(h, 5), "truncate(4-token handle, 5)")
@@ -210,17 +291,28 @@ def check_many_handles(p: Probe, s: Settings) -> str:
         try:
             handles.append(p.open(pr, f"open of handle {i + 1} of {s.n_handles}"))
         except CapacityError as exc:
-            raise Fault(f"only {i} handles could be open at once ({exc}); the suite needs "
-                        f"{s.n_handles} (tree decoding keeps one per branch); lower n_handles "
-                        f"if the backend documents a smaller limit") from exc
+            raise Fault(
+                f"only {i} handles could be open at once ({exc}); the suite needs "
+                f"{s.n_handles} (tree decoding keeps one per branch); lower n_handles "
+                f"if the backend documents a smaller limit"
+            ) from exc
         prompts.append(pr)
     if len(set(handles)) != len(handles):
-        raise Fault(f"{len(handles)} open() calls returned only {len(set(handles))} distinct handles")
+        raise Fault(
+            f"{len(handles)} open() calls returned only {len(set(handles))} distinct handles"
+        )
     news = [p.tokens(int(p.rng.integers(1, 3))) for _ in handles]
-    out = p.extend(list(zip(handles, news)), f"one batch over all {len(handles)} handles")
-    for i, (pr, nw, got) in enumerate(zip(prompts, news, out)):
-        p.compare(got, p.fresh_rows(pr, nw), f"handle {i} in a {len(handles)}-handle batch",
-                  context_len=len(pr), tolerance=max(p.tolerance, p.batch_tolerance))
+    out = p.extend(
+        list(zip(handles, news, strict=True)), f"one batch over all {len(handles)} handles"
+    )
+    for i, (pr, nw, got) in enumerate(zip(prompts, news, out, strict=True)):
+        p.compare(
+            got,
+            p.fresh_rows(pr, nw),
+            f"handle {i} in a {len(handles)}-handle batch",
+            context_len=len(pr),
+            tolerance=max(p.tolerance, p.batch_tolerance),
+        )
     for i in p.rng.permutation(len(handles)):
         more = p.tokens(1)
         p.expect_rows(handles[i], more, prompts[i] + news[i], f"handle {i} extended alone")

@@ -35,27 +35,56 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("factory", nargs="?",
-                    help="package.module:callable returning a fresh model (zero arguments)")
-    ap.add_argument("--backend", action="append", default=[], metavar="NAME",
-                    help="check a registered backend on its default model ('all' for every "
-                         "registered backend); repeatable")
-    ap.add_argument("--args", default=None, help="model spec arguments for --backend "
-                    "(the text after NAME:); default: the backend's default target")
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="engine option passed to the backend's load(); repeatable")
+    ap.add_argument(
+        "factory",
+        nargs="?",
+        help="package.module:callable returning a fresh model (zero arguments)",
+    )
+    ap.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="check a registered backend on its default model ('all' for every "
+        "registered backend); repeatable",
+    )
+    ap.add_argument(
+        "--args",
+        default=None,
+        help="model spec arguments for --backend "
+        "(the text after NAME:); default: the backend's default target",
+    )
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine option passed to the backend's load(); repeatable",
+    )
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="quick", action="store_true", default=True,
-                      help="short run (default)")
+    mode.add_argument(
+        "--quick", dest="quick", action="store_true", default=True, help="short run (default)"
+    )
     mode.add_argument("--full", dest="quick", action="store_false", help="long run")
-    ap.add_argument("--tolerance", type=float, default=None,
-                    help="absolute logits tolerance (default: by dtype: float64 0, float32 1e-4)")
-    ap.add_argument("--batch-tolerance", type=float, default=None,
-                    help="tolerance for batched vs separate scoring (default: --tolerance)")
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="absolute logits tolerance (default: by dtype: float64 0, float32 1e-4)",
+    )
+    ap.add_argument(
+        "--batch-tolerance",
+        type=float,
+        default=None,
+        help="tolerance for batched vs separate scoring (default: --tolerance)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--handles", type=int, default=32, help="handles open at once (default 32)")
-    ap.add_argument("--only", default=None,
-                    help="comma-separated checks to run; known: " + ", ".join(CHECK_NAMES))
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated checks to run; known: " + ", ".join(CHECK_NAMES),
+    )
     return ap
 
 
@@ -93,8 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     if not ns.factory and not ns.backend:
         ap.error("give a factory (package.module:callable) or --backend NAME")
-    kwargs: dict[str, Any] = dict(tolerance=ns.tolerance, batch_tolerance=ns.batch_tolerance,
-                                  quick=ns.quick, seed=ns.seed, n_handles=ns.handles)
+    kwargs: dict[str, Any] = dict(
+        tolerance=ns.tolerance,
+        batch_tolerance=ns.batch_tolerance,
+        quick=ns.quick,
+        seed=ns.seed,
+        n_handles=ns.handles,
+    )
     if ns.only:
         kwargs["only"] = [c.strip() for c in ns.only.split(",") if c.strip()]
     options = {}
@@ -107,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.factory:
             reports.append(check_model(_load_factory(ns.factory), **kwargs))
-        names = [n for b in ns.backend for n in (sorted(available_backends()) if b == "all" else [b])]
+        names = [
+            n for b in ns.backend for n in (sorted(available_backends()) if b == "all" else [b])
+        ]
         for name in dict.fromkeys(names):
             reports.append(check_backend(name, args=ns.args, options=options, **kwargs))
     except UnknownOptionError as exc:

@@ -107,7 +107,9 @@ class Probe:
         self._live.clear()
         return problems
 
-    def expect_raise(self, exc_type: type[BaseException], call: Callable[[], object], what: str) -> None:
+    def expect_raise(
+        self, exc_type: type[BaseException], call: Callable[[], object], what: str
+    ) -> None:
         """Require ``call()`` to raise ``exc_type``.
 
         Raises:
@@ -127,7 +129,9 @@ class Probe:
 
     # -- logits -------------------------------------------------------------------------
 
-    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]], what: str = "") -> list[np.ndarray]:
+    def extend(
+        self, requests: Sequence[tuple[Handle, Sequence[int]]], what: str = ""
+    ) -> list[np.ndarray]:
         """``model.extend(requests)``, validated and split per request.
 
         Returns:
@@ -164,8 +168,12 @@ class Probe:
         if bad.any() or dead.any():
             row = int(np.argmax(bad.any(axis=1) | dead))
             req, pos = _locate(row, [len(t) for _, t in reqs])
-            kind = "entirely -inf (no token possible)" if dead[row] else (
-                f"{int(bad[row].sum())} NaN/+inf entries (first at token id {int(np.argmax(bad[row]))})"
+            kind = (
+                "entirely -inf (no token possible)"
+                if dead[row]
+                else (
+                    f"{int(bad[row].sum())} NaN/+inf entries (first at token id {int(np.argmax(bad[row]))})"
+                )
             )
             raise Fault(f"{where} {kind} in row {row} (request {req}, appended token {pos})")
         split, start = [], 0
@@ -190,7 +198,9 @@ class Probe:
         if key not in self._fresh:
             step = self.step
             handle = self.open(key[:-1], what=f"fresh handle for a {len(key)}-token context")
-            self._fresh[key] = self.extend_one(handle, key[-1:], what=f"oracle for {len(key)} tokens")[0]
+            self._fresh[key] = self.extend_one(
+                handle, key[-1:], what=f"oracle for {len(key)} tokens"
+            )[0]
             self.close(handle, what="closing a fresh oracle handle")
             self.step = step
         return self._fresh[key]
@@ -238,9 +248,7 @@ class Probe:
         """
         got = self.extend_one(handle, tokens, what)
         want = self.fresh_rows(before, tokens)
-        lazy = [
-            (label, lambda alt=alt: self.fresh_rows(alt, tokens)) for label, alt in explain
-        ]
+        lazy = [(label, lambda alt=alt: self.fresh_rows(alt, tokens)) for label, alt in explain]
         self.compare(got, want, what, context_len=len(before), explain=lazy)
         return got
 

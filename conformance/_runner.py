@@ -105,8 +105,9 @@ def _run_check(
             measured = f"max|diff| {probe.max_diff:.3g}"
     seconds = time.perf_counter() - start
     log.debug("%s: %s in %.2fs %s", name, status.value, seconds, message)
-    return CheckResult(name=name, status=status, measured=measured, message=message,
-                       seconds=seconds)
+    return CheckResult(
+        name=name, status=status, measured=measured, message=message, seconds=seconds
+    )
 
 
 def check_model(
@@ -148,8 +149,13 @@ def check_model(
         ConfigError: an unknown name in ``only``, or an invalid setting.
     """
     if settings is None:
-        settings = Settings(tolerance=tolerance, batch_tolerance=batch_tolerance, quick=quick,
-                            seed=seed, n_handles=n_handles)
+        settings = Settings(
+            tolerance=tolerance,
+            batch_tolerance=batch_tolerance,
+            quick=quick,
+            seed=seed,
+            n_handles=n_handles,
+        )
     if only is not None:
         unknown = sorted(set(only) - set(CHECK_NAMES))
         if unknown:

@@ -9,7 +9,9 @@ from ssd_core import ConfigError
 __all__ = ["Settings", "default_tolerance"]
 
 
-def _non_negative(instance: object, attribute: attrs.Attribute[float | None], value: float | None) -> None:
+def _non_negative(
+    instance: object, attribute: attrs.Attribute[float | None], value: float | None
+) -> None:
     if value is not None and not value >= 0.0:
         raise ConfigError(f"{attribute.name} must be >= 0 (or None for automatic), got {value}")
 

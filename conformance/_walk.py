@@ -140,18 +140,26 @@ def _execute(p: Probe, ops: Sequence[Op], room: int | None, log: list[str]) -> i
             handles.append(p.open(op.tokens, log[-1]))
             state.append(list(op.tokens))
         elif op.kind == "extend":
-            batch = [(s, t) for s, t in op.batch if s < len(state) and state[s] is not None
-                     and len(state[s]) + len(t) <= cap]  # type: ignore[arg-type]
+            batch = [
+                (s, t)
+                for s, t in op.batch
+                if s < len(state) and state[s] is not None and len(state[s]) + len(t) <= cap
+            ]  # type: ignore[arg-type]
             if not batch:
                 continue
             what = f"step {i}: " + Op(kind="extend", batch=tuple(batch)).describe()
             log.append(what)
             out = p.extend([(handles[s], t) for s, t in batch], what)
-            for (s, t), got in zip(batch, out):
+            for (s, t), got in zip(batch, out, strict=True):
                 before = list(state[s])  # type: ignore[arg-type]
-                p.compare(got, p.fresh_rows(before, t), f"{what}, request h{s}",
-                          context_len=len(before), tolerance=tol,
-                          against=f"a fresh handle holding h{s}'s tokens")
+                p.compare(
+                    got,
+                    p.fresh_rows(before, t),
+                    f"{what}, request h{s}",
+                    context_len=len(before),
+                    tolerance=tol,
+                    against=f"a fresh handle holding h{s}'s tokens",
+                )
                 state[s].extend(t)  # type: ignore[union-attr]
         elif not ok or (op.kind != "use_closed" and state[op.slot] is None):
             continue
@@ -222,14 +230,22 @@ def run_walk(make_model: Callable[[], Model], p: Probe, s: Settings) -> str:
     for run in range(s.runs):
         rng = np.random.default_rng([s.seed, run, 0x5EED])
         ops = plan_walk(rng, s.steps, p.vocab, p.model.context_size)
-        probe = p if run == 0 else Probe(make_model(), tolerance=p.tolerance,
-                                         batch_tolerance=p.batch_tolerance, rng=p.rng)
+        probe = (
+            p
+            if run == 0
+            else Probe(
+                make_model(), tolerance=p.tolerance, batch_tolerance=p.batch_tolerance, rng=p.rng
+            )
+        )
         log: list[str] = []
         try:
             total += _execute(probe, ops, probe.model.context_size, log)
         except Exception as exc:
-            first = str(exc) if isinstance(exc, Fault) else (
-                f"{probe.step}: raised {type(exc).__name__}: {exc}")
+            first = (
+                str(exc)
+                if isinstance(exc, Fault)
+                else (f"{probe.step}: raised {type(exc).__name__}: {exc}")
+            )
             probe.cleanup()
             failing = ops[: _index_of(first, len(ops)) + 1]
             short = _shrink(make_model, failing, p, budget_s=20.0 if s.quick else 120.0)

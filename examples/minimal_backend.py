@@ -30,7 +30,9 @@ class BigramModel:
 
     tokenizer = None  # id-only model
 
-    def __init__(self, vocab_size: int = 50, *, seed: int = 0, context_size: int | None = 64) -> None:
+    def __init__(
+        self, vocab_size: int = 50, *, seed: int = 0, context_size: int | None = 64
+    ) -> None:
         self.name = f"bigram-{vocab_size}"
         self.vocab_size = vocab_size
         self.context_size = context_size

@@ -225,7 +225,11 @@ BROKEN: dict[str, tuple[Factory, tuple[str, ...], str]] = {
     "stale_first_row": (StaleFirstRow, ("extend_vs_prefill",), "wrong position"),
     "rows_ahead": (RowsAhead, ("extend_vs_prefill",), "one position later"),
     "nondeterministic": (Noisy, ("determinism",), "differs from the first handle"),
-    "batch_dependent": (BatchDependent, ("batched_vs_separate",), "depend on what else is in the batch"),
+    "batch_dependent": (
+        BatchDependent,
+        ("batched_vs_separate",),
+        "depend on what else is in the batch",
+    ),
     "close_is_noop": (CloseIsNoop, ("close",), "closed handle returned normally"),
     "clips_tokens": (ClipsTokens, ("invalid_tokens",), "InputError"),
     "returns_nan": (ReturnsNaN, ("no_nan_inf",), "NaN"),

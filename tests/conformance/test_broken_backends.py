@@ -48,16 +48,19 @@ def test_tolerance_decides_batch_dependence() -> None:
     """A batch effect of 1e-3 per extra request fails at the default and passes when allowed."""
     strict = conformance.check_model(BatchDependent, only=["batched_vs_separate"])
     assert strict.failed and "batch tolerance 0" in strict.settings
-    loose = conformance.check_model(BatchDependent, only=["batched_vs_separate"],
-                                    batch_tolerance=0.01)
+    loose = conformance.check_model(
+        BatchDependent, only=["batched_vs_separate"], batch_tolerance=0.01
+    )
     assert loose.passed
 
 
 def test_noise_below_tolerance_passes_and_above_fails() -> None:
-    assert conformance.check_model(lambda: Noisy(scale=1e-7), only=["determinism"],
-                                   tolerance=1e-4).passed
-    assert conformance.check_model(lambda: Noisy(scale=1e-2), only=["determinism"],
-                                   tolerance=1e-4).failed
+    assert conformance.check_model(
+        lambda: Noisy(scale=1e-7), only=["determinism"], tolerance=1e-4
+    ).passed
+    assert conformance.check_model(
+        lambda: Noisy(scale=1e-2), only=["determinism"], tolerance=1e-4
+    ).failed
 
 
 def test_walk_failure_reproduces_from_seed() -> None:

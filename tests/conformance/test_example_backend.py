@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_example():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("minimal_backend", ROOT / "examples" / "minimal_backend.py")
+    spec = importlib.util.spec_from_file_location(
+        "minimal_backend", ROOT / "examples" / "minimal_backend.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _report(*statuses: Status) -> Report:
-    rows = tuple(CheckResult(name=f"c{i}", status=s, measured="m", message=f"why {i}")
-                 for i, s in enumerate(statuses))
+    rows = tuple(
+        CheckResult(name=f"c{i}", status=s, measured="m", message=f"why {i}")
+        for i, s in enumerate(statuses)
+    )
     return Report(subject="thing", rows=rows)
 
 
@@ -75,8 +77,17 @@ def test_cli_factory_failure_exits_1(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_cli_backend_args_and_full(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["--backend", "reference", "--args", "vocab=12,order=3,context=9", "--full",
-               "--only", "context_capacity,stateful_walk"])
+    rc = main(
+        [
+            "--backend",
+            "reference",
+            "--args",
+            "vocab=12,order=3,context=9",
+            "--full",
+            "--only",
+            "context_capacity,stateful_walk",
+        ]
+    )
     assert rc == 0
     assert "context 9" in capsys.readouterr().out
 
@@ -98,18 +109,36 @@ def test_backend_whose_engine_is_missing_is_skipped(monkeypatch: pytest.MonkeyPa
 
 def test_python_dash_m_entry_point() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "conformance", "tests.conformance.broken:Noisy",
-         "--only", "determinism"],
-        cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "conformance",
+            "tests.conformance.broken:Noisy",
+            "--only",
+            "determinism",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT)},
+        timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     assert "determinism" in proc.stdout and "FAILED" in proc.stdout
 
 
 def test_conformance_does_not_import_pytest() -> None:
-    code = ("import sys, conformance, conformance.__main__; "
-            "bad = [m for m in ('pytest', 'torch') if m in sys.modules]; "
-            "sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    code = (
+        "import sys, conformance, conformance.__main__; "
+        "bad = [m for m in ('pytest', 'torch') if m in sys.modules]; "
+        "sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
