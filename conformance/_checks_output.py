@@ -55,7 +55,7 @@ def check_attributes(p: Probe, s: Settings) -> str:
             if not hasattr(tok, attr):
                 raise Fault(f"model.tokenizer lacks {attr!r} (see ssd_core.Tokenizer)")
         eos = tuple(tok.eos_token_ids)
-        if any(not 0 <= int(e) < vocab for e in eos):
+        if any(not 0 <= int(e) < int(vocab) for e in eos):
             raise Fault(f"tokenizer.eos_token_ids {eos} lie outside [0, {vocab})")
     for method in ("open", "extend", "fork", "truncate", "close"):
         if not callable(getattr(m, method, None)):

@@ -13,6 +13,7 @@ time budget, and replay exactly from ``(seed, run)``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -75,15 +76,15 @@ def plan_walk(rng: np.random.Generator, steps: int, vocab: int, room: int | None
         The plan; each op is valid in the state the previous ops leave.
     """
     cap = room if room is not None else 1 << 30
-    state: list[list[int] | None] = []
+    state: list[list[int]] = []  # tokens per slot
+    shut: set[int] = set()  # closed slots
     ops: list[Op] = []
 
     def toks(n: int) -> tuple[int, ...]:
         return tuple(int(t) for t in rng.integers(0, vocab, size=n))
 
     while len(ops) < steps:
-        live = [i for i, t in enumerate(state) if t is not None]
-        closed = [i for i, t in enumerate(state) if t is None]
+        live = [i for i in range(len(state)) if i not in shut]
         r = rng.random()
         if not live or (r < 0.15 and len(live) < MAX_LIVE):
             prompt = toks(int(rng.integers(0, min(6, cap) + 1)))
@@ -92,30 +93,30 @@ def plan_walk(rng: np.random.Generator, steps: int, vocab: int, room: int | None
         elif r < 0.55:
             chosen = rng.permutation(live)[: int(rng.integers(1, 4))]
             batch = []
-            for s in chosen:
-                free = cap - len(state[s])  # type: ignore[arg-type]
+            for s in (int(c) for c in chosen):
+                free = cap - len(state[s])
                 if free >= 1:
                     new = toks(int(rng.integers(1, min(4, free) + 1)))
-                    state[s].extend(new)  # type: ignore[union-attr]
-                    batch.append((int(s), new))
+                    state[s].extend(new)
+                    batch.append((s, new))
             if batch:
                 ops.append(Op(kind="extend", batch=tuple(batch)))
         elif r < 0.70 and len(live) < MAX_LIVE:
             s = int(rng.choice(live))
-            n = int(rng.integers(0, len(state[s]) + 1))  # type: ignore[arg-type]
-            state.append(list(state[s][:n]))  # type: ignore[index]
+            n = int(rng.integers(0, len(state[s]) + 1))
+            state.append(state[s][:n])
             ops.append(Op(kind="fork", slot=s, length=n))
         elif r < 0.85:
             s = int(rng.choice(live))
-            n = int(rng.integers(0, len(state[s]) + 1))  # type: ignore[arg-type]
-            del state[s][n:]  # type: ignore[index]
+            n = int(rng.integers(0, len(state[s]) + 1))
+            del state[s][n:]
             ops.append(Op(kind="truncate", slot=s, length=n))
-        elif r < 0.95 or not closed:
+        elif r < 0.95 or not shut:
             s = int(rng.choice(live))
-            state[s] = None
+            shut.add(s)
             ops.append(Op(kind="close", slot=s))
         else:
-            ops.append(Op(kind="use_closed", slot=int(rng.choice(closed))))
+            ops.append(Op(kind="use_closed", slot=int(rng.choice(sorted(shut)))))
     return ops
 
 
@@ -130,11 +131,12 @@ def _execute(p: Probe, ops: Sequence[Op], room: int | None, log: list[str]) -> i
     """
     cap = room if room is not None else 1 << 30
     handles: list[object] = []
-    state: list[list[int] | None] = []
+    state: list[list[int]] = []
+    shut: set[int] = set()
     done = 0
     tol = max(p.tolerance, p.batch_tolerance)
     for i, op in enumerate(ops):
-        ok = op.slot < len(state)
+        exists = 0 <= op.slot < len(state)
         if op.kind == "open":
             log.append(f"step {i}: h{len(state)} = {op.describe()}")
             handles.append(p.open(op.tokens, log[-1]))
@@ -143,47 +145,44 @@ def _execute(p: Probe, ops: Sequence[Op], room: int | None, log: list[str]) -> i
             batch = [
                 (s, t)
                 for s, t in op.batch
-                if s < len(state) and state[s] is not None and len(state[s]) + len(t) <= cap
-            ]  # type: ignore[arg-type]
+                if s < len(state) and s not in shut and len(state[s]) + len(t) <= cap
+            ]
             if not batch:
                 continue
             what = f"step {i}: " + Op(kind="extend", batch=tuple(batch)).describe()
             log.append(what)
             out = p.extend([(handles[s], t) for s, t in batch], what)
             for (s, t), got in zip(batch, out, strict=True):
-                before = list(state[s])  # type: ignore[arg-type]
                 p.compare(
                     got,
-                    p.fresh_rows(before, t),
+                    p.fresh_rows(state[s], t),
                     f"{what}, request h{s}",
-                    context_len=len(before),
+                    context_len=len(state[s]),
                     tolerance=tol,
                     against=f"a fresh handle holding h{s}'s tokens",
                 )
-                state[s].extend(t)  # type: ignore[union-attr]
-        elif not ok or (op.kind != "use_closed" and state[op.slot] is None):
-            continue
+                state[s].extend(t)
+        elif not exists or (op.kind == "use_closed") != (op.slot in shut):
+            continue  # made invalid by shrinking
         elif op.kind == "fork":
-            n = min(op.length, len(state[op.slot]))  # type: ignore[arg-type]
+            n = min(op.length, len(state[op.slot]))
             what = f"step {i}: h{len(state)} = fork(h{op.slot}, {n})"
             log.append(what)
             handles.append(p.fork(handles[op.slot], n, what))
-            state.append(list(state[op.slot][:n]))  # type: ignore[index]
+            state.append(state[op.slot][:n])
         elif op.kind == "truncate":
-            n = min(op.length, len(state[op.slot]))  # type: ignore[arg-type]
+            n = min(op.length, len(state[op.slot]))
             log.append(f"step {i}: truncate(h{op.slot}, {n})")
             p.truncate(handles[op.slot], n, log[-1])
-            del state[op.slot][n:]  # type: ignore[index]
+            del state[op.slot][n:]
         elif op.kind == "close":
             log.append(f"step {i}: close(h{op.slot})")
             p.close(handles[op.slot], log[-1])
-            state[op.slot] = None
-        elif op.kind == "use_closed":
-            if state[op.slot] is not None:
-                continue
+            shut.add(op.slot)
+        else:  # use_closed
             h = handles[op.slot]
             log.append(f"step {i}: extend([(h{op.slot}, [0])]) of closed h{op.slot}")
-            p.expect_raise(HandleError, lambda h=h: p.model.extend([(h, [0])]), log[-1])
+            p.expect_raise(HandleError, functools.partial(p.model.extend, [(h, [0])]), log[-1])
         done += 1
     return done
 
