@@ -10,6 +10,8 @@ model), do not import pytest, and are run by this project on every backend it sh
 * :func:`assert_conforms` -- the same, raising :class:`ConformanceError` (an
   ``AssertionError`` holding the report table) for use in a test.
 * :func:`check_backend` -- the same on a registered backend's default model.
+* :func:`model_state_machine` -- the random walk as a Hypothesis
+  ``RuleBasedStateMachine``, for authors who use Hypothesis (imported lazily).
 * ``python -m conformance package.module:factory [--quick|--full]`` or
   ``python -m conformance --backend NAME`` -- the command line.
 
@@ -27,6 +29,7 @@ from ._backends import check_backend
 from ._report import CheckResult, ConformanceError, Report, Status
 from ._runner import CHECK_NAMES, assert_conforms, check_model
 from ._settings import Settings, default_tolerance
+from ._stateful import model_state_machine
 
 __all__ = [
     "CHECK_NAMES",
@@ -40,5 +43,6 @@ __all__ = [
     "check_model",
     "default_tolerance",
     "max_abs_diff",
+    "model_state_machine",
     "to_numpy",
 ]

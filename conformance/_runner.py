@@ -85,8 +85,10 @@ def _run_check(
     start = time.perf_counter()
     status, measured, message = Status.PASSED, "", ""
     probe: Probe | None = None
+    where = "make_model()"
     try:
         model = make_model()
+        where = "reading model.vocab_size"
         rng = np.random.default_rng([settings.seed, zlib.crc32(name.encode())])
         probe = Probe(model, tolerance=tol, batch_tolerance=btol, rng=rng)
         measured = fn(probe, settings)
@@ -95,7 +97,7 @@ def _run_check(
     except Fault as exc:
         status, message = Status.FAILED, str(exc)
     except Exception as exc:
-        where = probe.step if probe is not None else "make_model()"
+        where = probe.step if probe is not None else where
         status, message = Status.FAILED, f"{where}: raised {type(exc).__name__}: {exc}"
     if probe is not None:
         problems = probe.cleanup()
