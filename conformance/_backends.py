@@ -38,7 +38,8 @@ def check_backend(
 
     Returns:
         The report; a single skipped row if the backend's engine is not installed
-        (importing it or loading a model raised ImportError) or it has no default model.
+        (importing it or loading a model raised ImportError) or it has no default
+        model; a single failed ``load`` row if loading raised anything else.
 
     Raises:
         UnknownOptionError: no backend called ``name`` is registered.
@@ -59,7 +60,14 @@ def check_backend(
         return spec.load(args, opts)
 
     try:
-        make_model()
+        make_model()  # an engine imported lazily inside load() shows up here
     except ImportError as exc:
         return skipped_report(subject, f"engine not installed: {exc}")
+    except Exception as exc:  # the model cannot even be built: one clear failed row
+        row = CheckResult(
+            name="load",
+            status=Status.FAILED,
+            message=f"load({args!r}, {opts!r}) raised {type(exc).__name__}: {exc}",
+        )
+        return Report(subject=subject, rows=(row,))
     return check_model(make_model, subject=subject, **kwargs)

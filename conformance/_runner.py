@@ -66,17 +66,29 @@ WALK = "stateful_walk"
 CHECK_NAMES: tuple[str, ...] = (*(name for name, _ in _CHECKS), WALK)
 
 
-def _auto_tolerance(make_model: ModelFactory) -> float:
-    """The default tolerance for the dtype a fresh model's logits come in."""
+def _survey(make_model: ModelFactory) -> tuple[str | None, float]:
+    """Build one model to learn its name and the default tolerance for its logits dtype.
+
+    Returns:
+        ``(name or None, tolerance)``; float32's tolerance if the model cannot be
+        built or scored (the checks then report what is wrong).
+    """
+    name: str | None = None
     try:
         model = make_model()
+        name = str(model.name)
         handle = model.open([])
         out = model.extend([(handle, [0])])
         model.close(handle)
-    except Exception as exc:  # the checks themselves will report what is wrong
+    except Exception as exc:  # reported by the checks themselves, with context
         log.debug("could not probe the logits dtype (%s); assuming float32", exc)
-        return default_tolerance(32)
-    return default_tolerance(dtype_info(out).bits or 32)
+        return name, default_tolerance(32)
+    return name, default_tolerance(dtype_info(out).bits or 32)
+
+
+def _auto_tolerance(make_model: ModelFactory) -> float:
+    """The default tolerance for the dtype a fresh model's logits come in."""
+    return _survey(make_model)[1]
 
 
 def _run_check(
@@ -163,7 +175,8 @@ def check_model(
         if unknown:
             raise ConfigError(f"unknown checks {unknown}; known: {', '.join(CHECK_NAMES)}")
     start = time.perf_counter()
-    tol = settings.tolerance if settings.tolerance is not None else _auto_tolerance(make_model)
+    model_name, auto_tol = _survey(make_model)
+    tol = settings.tolerance if settings.tolerance is not None else auto_tol
     btol = settings.batch_tolerance if settings.batch_tolerance is not None else tol
     table: list[tuple[str, CheckFn]] = [*_CHECKS, (WALK, functools.partial(_walk, make_model))]
     rows = tuple(
@@ -172,7 +185,7 @@ def check_model(
         if only is None or name in only
     )
     return Report(
-        subject=subject or _subject(make_model),
+        subject=subject or _subject(make_model, model_name),
         rows=rows,
         settings=settings.describe(tol, btol),
         seconds=time.perf_counter() - start,
@@ -183,12 +196,9 @@ def _walk(make_model: ModelFactory, p: Probe, s: Settings) -> str:
     return run_walk(make_model, p, s)
 
 
-def _subject(make_model: ModelFactory) -> str:
-    name = getattr(make_model, "__qualname__", None) or repr(make_model)
-    try:
-        return f"{make_model().name} (from {name})"
-    except Exception:  # the checks report a broken factory; the title just falls back
-        return name
+def _subject(make_model: ModelFactory, model_name: str | None) -> str:
+    factory = getattr(make_model, "__qualname__", None) or repr(make_model)
+    return f"{model_name} (from {factory})" if model_name else factory
 
 
 def assert_conforms(make_model: ModelFactory, **kwargs: Any) -> Report:

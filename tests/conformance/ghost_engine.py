@@ -12,3 +12,10 @@ def _load(args, options):  # type: ignore[no-untyped-def]
 
 
 BACKEND = BackendSpec(name="ghost", load=_load, default_target="ghost:tiny")
+
+
+def _load_missing_file(args, options):  # type: ignore[no-untyped-def]
+    raise FileNotFoundError(f"no model file {args!r}")
+
+
+BROKEN_LOAD = BackendSpec(name="ghost", load=_load_missing_file, default_target="ghost:tiny.bin")

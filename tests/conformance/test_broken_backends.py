@@ -23,11 +23,9 @@ def test_broken_backend_is_caught(name: str) -> None:
     assert must_fail[0] in str(info.value)
 
 
-@pytest.mark.parametrize("name", sorted(BROKEN))
+@pytest.mark.parametrize("name", sorted(set(BROKEN) - {"clips_tokens"}))  # walk sends valid ids
 def test_random_walk_alone_catches_stateful_faults(name: str) -> None:
     factory, _, _ = BROKEN[name]
-    if name in {"clips_tokens"}:  # the walk never sends invalid ids
-        pytest.skip("not a state fault")
     report = conformance.check_model(factory, only=["stateful_walk"])
     assert report.failed, report.format_table()
     assert "shrunk from" in report.rows[0].message

@@ -142,3 +142,13 @@ def test_conformance_does_not_import_pytest() -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_backend_whose_load_fails_reports_one_failed_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    import backends._registry as registry
+
+    monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:BROKEN_LOAD")
+    report = conformance.check_backend("ghost")
+    assert report.failed
+    assert [r.name for r in report.rows] == ["load"]
+    assert "FileNotFoundError" in report.rows[0].message
