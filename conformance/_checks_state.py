@@ -171,6 +171,16 @@ def check_fork_independence(p: Probe, s: Settings) -> str:
             ("a handle holding the other child's tokens: siblings share state", base[:k] + x),
         ],
     )
+    p.truncate(twin, 1, "truncate(sibling fork, 1)")
+    p.expect_rows(twin, w, base[:1], "sibling fork extended after truncate(sibling, 1)")
+    p.expect_rows(
+        parent,
+        w,
+        base + y,
+        "parent extended after its fork was truncated to 1 and extended",
+        explain=[("the fork's tokens: the fork shares state with its parent", base[:1] + w)],
+    )
+    twin_now = base[:1] + w
     p.truncate(parent, 1, "truncate(parent, 1)")
     p.expect_rows(parent, w, base[:1], "parent extended after truncate(parent, 1)")
     p.expect_rows(
@@ -189,7 +199,7 @@ def check_fork_independence(p: Probe, s: Settings) -> str:
         (base[:k] + x)[: k + 1],
         "grandchild extended after its parent (the child) was closed",
     )
-    p.expect_rows(twin, w, base + z, "sibling extended after the other child was closed")
+    p.expect_rows(twin, w, twin_now, "sibling extended after the other child was closed")
     return _figure(p)
 
 
