@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -13,7 +14,7 @@ from ssd_core import ConfigError, SSDError, UnknownOptionError
 
 from ._backends import check_backend
 from ._report import Report, Status
-from ._runner import CHECK_NAMES, check_model
+from ._runner import CHECK_NAMES, check_model, describe_checks
 
 __all__ = ["main"]
 
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--handles", type=int, default=32, help="handles open at once (default 32)")
     ap.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the reports as JSON to PATH ('-': JSON to stdout instead of tables)",
+    )
+    ap.add_argument("--list", action="store_true", help="list the checks and exit")
+    ap.add_argument(
         "--only",
         default=None,
         help="comma-separated checks to run; known: " + ", ".join(CHECK_NAMES),
@@ -120,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     ap = _parser()
     ns = ap.parse_args(argv)
+    if ns.list:
+        for name, doc in describe_checks().items():
+            print(f"{name:<20} {doc}")
+        return 0
     if not ns.factory and not ns.backend:
         ap.error("give a factory (package.module:callable) or --backend NAME")
     kwargs: dict[str, Any] = dict(
@@ -152,7 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SSDError, ImportError, AttributeError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    for report in reports:
-        print(report.format_table())
-        print()
+    data = json.dumps([r.as_dict() for r in reports], indent=2)
+    if ns.json == "-":
+        print(data)
+    else:
+        for report in reports:
+            print(report.format_table())
+            print()
+        if ns.json:
+            with open(ns.json, "w", encoding="utf-8") as fh:
+                fh.write(data + "\n")
     return 1 if any(r.status is Status.FAILED for r in reports) else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import attrs
 
@@ -147,6 +148,30 @@ class Report:
         """
         if self.failed:
             raise ConformanceError(self)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data (for CI dashboards and ``--json``).
+
+        Returns:
+            ``{"subject", "status", "settings", "seconds", "rows": [{"name", "status",
+            "measured", "message", "seconds"}, ...]}``.
+        """
+        return {
+            "subject": self.subject,
+            "status": self.status.value,
+            "settings": self.settings,
+            "seconds": self.seconds,
+            "rows": [
+                {
+                    "name": r.name,
+                    "status": r.status.value,
+                    "measured": r.measured,
+                    "message": r.message,
+                    "seconds": r.seconds,
+                }
+                for r in self.rows
+            ],
+        }
 
     def combine(self, other: Report) -> Report:
         """This report's rows followed by ``other``'s (e.g. model checks + lossless checks).

@@ -37,7 +37,7 @@ from ._report import CheckResult, ConformanceError, Report, Status
 from ._settings import Settings, default_tolerance
 from ._walk import run_walk
 
-__all__ = ["CHECK_NAMES", "assert_conforms", "check_model"]
+__all__ = ["CHECK_NAMES", "assert_conforms", "check_model", "describe_checks"]
 
 log = logging.getLogger("conformance")
 
@@ -64,6 +64,18 @@ WALK = "stateful_walk"
 
 #: Every check ``check_model`` runs, in order.
 CHECK_NAMES: tuple[str, ...] = (*(name for name, _ in _CHECKS), WALK)
+
+
+def describe_checks() -> dict[str, str]:
+    """Each check's name mapped to the first line of its docstring."""
+    out = {
+        name: (fn.__doc__ or "").strip().splitlines()[0].replace("``", "") for name, fn in _CHECKS
+    }
+    out[WALK] = (
+        "A seeded random walk over open/extend/fork/truncate/close, every row checked "
+        "against a fresh handle; failures are shrunk."
+    )
+    return out
 
 
 def _survey(make_model: ModelFactory) -> tuple[str | None, float]:

@@ -152,3 +152,22 @@ def test_backend_whose_load_fails_reports_one_failed_row(monkeypatch: pytest.Mon
     assert report.failed
     assert [r.name for r in report.rows] == ["load"]
     assert "FileNotFoundError" in report.rows[0].message
+
+
+def test_cli_list_names_every_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in conformance.CHECK_NAMES)
+
+
+def test_cli_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    target = tmp_path / "report.json"
+    rc = main(["tests.conformance.broken:CloseIsNoop", "--only", "close", "--json", str(target)])
+    assert rc == 1
+    data = json.loads(target.read_text())
+    assert data[0]["status"] == "failed"
+    assert data[0]["rows"][0]["name"] == "close"
+    assert "HandleError" in data[0]["rows"][0]["message"]
+    assert "FAILED close" in capsys.readouterr().out
