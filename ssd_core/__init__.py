@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._api import GenerateResult, GenerationError, Stream, StreamEvent, generate, stream
+from ._config import SamplingParams, SSDConfig
 from ._errors import (
     BackendContractError,
     CapacityError,
@@ -14,9 +16,35 @@ from ._errors import (
     UnknownOptionError,
 )
 from ._latency import LatencyModel
+from ._events import Lane
+from ._fanout import geometric_fanout
+from ._machine import TRANSITIONS, Machine, Phase, Speculation
+from ._metrics import Metrics
 from ._protocol import Handle, Model, Tokenizer
+from ._random import RandomSource, SeededSource
+from ._registry import BackendSpec, available_backends, load_backend
 
 __all__ = [
+    "TRANSITIONS",
+    "BackendSpec",
+    "available_backends",
+    "load_backend",
+    "GenerateResult",
+    "GenerationError",
+    "Lane",
+    "Machine",
+    "Metrics",
+    "Phase",
+    "RandomSource",
+    "SSDConfig",
+    "SamplingParams",
+    "SeededSource",
+    "Speculation",
+    "Stream",
+    "StreamEvent",
+    "generate",
+    "geometric_fanout",
+    "stream",
     "BackendContractError",
     "CapacityError",
     "ConfigError",

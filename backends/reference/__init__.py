@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import ConfigError
-
-from .._registry import BackendSpec
+from ssd_core import BackendSpec, ConfigError
 from ._model import ReferenceModel
 
 __all__ = ["BACKEND", "ReferenceModel", "parse_spec"]
@@ -41,8 +39,10 @@ def parse_spec(args: str) -> dict[str, Any]:
 
 def _load(args: str, options: Mapping[str, Any]) -> ReferenceModel:
     """``vocab=..,order=..,seed=..[,peakedness=..]``; a draft adds ``divergence=..``
-    and is then a perturbed copy of the model the other keys describe."""
-    kw = parse_spec(args)
+    and is then a perturbed copy of the model the other keys describe. Keys a draft
+    spec leaves out are taken from the target's spec (``options["target_args"]``)."""
+    kw = parse_spec(str(options.get("target_args", ""))) if options.get("role") == "draft" else {}
+    kw.update(parse_spec(args))
     divergence = kw.pop("divergence", None)
     context_size = kw.pop("context_size", None)
     kw.setdefault("vocab_size", 64)
@@ -59,6 +59,6 @@ BACKEND = BackendSpec(
     name="reference",
     load=_load,
     default_target="reference:vocab=64,order=2,seed=1",
-    default_draft="reference:vocab=64,order=2,seed=1,divergence=0.5",
+    default_draft="reference:divergence=0.5",
     description="exact numpy n-gram models built from a seed (tests, benchmarks)",
 )

@@ -50,6 +50,7 @@ class ReferenceModel:
         name: str = "reference",
         context_size: int | None = None,
         latency: LatencyModel | None = None,
+        sleep: bool = True,
         memoise: bool | None = None,
     ) -> None:
         if vocab_size < 1:
@@ -60,9 +61,11 @@ class ReferenceModel:
         self.vocab_size = vocab_size
         self.order = order
         self.context_size = context_size
-        #: If set, every call sleeps for its modelled cost (``time.sleep`` releases the
-        #: GIL), and the simulated driver charges the same cost to its virtual clock.
+        #: The modelled cost of each call. The simulated driver charges it to its
+        #: virtual clock; with ``sleep=True`` every call also sleeps that long
+        #: (``time.sleep`` releases the GIL, so threaded runs overlap for real).
         self.latency = latency
+        self.sleep = sleep
         self._raw_fn = logits_fn
         if memoise is None:
             memoise = order is not None and vocab_size <= 4096
@@ -176,7 +179,7 @@ class ReferenceModel:
     # -- the Model protocol ---------------------------------------------------------
 
     def _sleep(self, seconds: float) -> None:
-        if seconds > 0:
+        if self.sleep and seconds > 0:
             time.sleep(seconds)
 
     def open(self, tokens: Sequence[int]) -> Handle:

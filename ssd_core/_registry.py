@@ -7,7 +7,8 @@ A backend package advertises one :class:`BackendSpec` under the group, e.g. in i
     mybackend = "my_package.ssd_backend:BACKEND"
 
 The ``ssd`` command then accepts ``--backend mybackend`` and model specs of the form
-``mybackend:ARGS``. Nothing is imported until a backend is asked for by name.
+``mybackend:ARGS``. Nothing is imported until a backend is asked for by name, and the
+core never imports a backend statically: it knows the in-house ones only by name.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 import attrs
 
-from ssd_core import Model, UnknownOptionError
+from ._errors import UnknownOptionError
+from ._protocol import Model
 
 __all__ = ["BackendSpec", "available_backends", "load_backend"]
 
