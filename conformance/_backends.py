@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from backends import load_backend
-from ssd_core import Model
+from ssd_core import Model, load_backend
 
 from ._report import CheckResult, Report, Status
 from ._runner import check_model

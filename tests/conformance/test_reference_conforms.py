@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import conformance
-from backends import available_backends
 from backends.reference import ReferenceModel
+from ssd_core import available_backends
 
 from .broken import Wrapper, reference
 

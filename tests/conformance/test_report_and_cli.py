@@ -98,7 +98,7 @@ def test_cli_unknown_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]
 
 
 def test_backend_whose_engine_is_missing_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    import backends._registry as registry
+    import ssd_core._registry as registry
 
     monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:BACKEND")
     report = conformance.check_backend("ghost")
@@ -130,7 +130,7 @@ def test_python_dash_m_entry_point() -> None:
 def test_conformance_does_not_import_pytest() -> None:
     code = (
         "import sys, conformance, conformance.__main__; "
-        "bad = [m for m in ('pytest', 'torch') if m in sys.modules]; "
+        "bad = [m for m in ('pytest', 'torch', 'backends') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run(
@@ -145,7 +145,7 @@ def test_conformance_does_not_import_pytest() -> None:
 
 
 def test_backend_whose_load_fails_reports_one_failed_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    import backends._registry as registry
+    import ssd_core._registry as registry
 
     monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:BROKEN_LOAD")
     report = conformance.check_backend("ghost")
