@@ -31,7 +31,7 @@ def check_backend(
     Args:
         name: a registered backend (``reference``, ``llama_cpp``, ...).
         args: the text after ``NAME:`` in a model spec; default: the backend's
-            ``default_target``.
+            ``default_target``, else its ``default_draft`` if that names this backend.
         options: engine options passed to ``BackendSpec.load``.
         **kwargs: passed to :func:`check_model`.
 
@@ -49,10 +49,17 @@ def check_backend(
     except ImportError as exc:
         return skipped_report(f"backend {name}", f"engine not installed: {exc}")
     if args is None:
+        default = spec.default_target or spec.default_draft  # a draft-only backend: its draft
+        if default is None:
+            return skipped_report(
+                f"backend {name}", "backend has neither default_target nor default_draft; pass args"
+            )
+        head, sep, tail = default.partition(":")
+        args = tail if sep and head == name else default
         if spec.default_target is None:
-            return skipped_report(f"backend {name}", "backend has no default_target; pass args")
-        head, sep, tail = spec.default_target.partition(":")
-        args = tail if sep and head == name else spec.default_target
+            # A draft-only backend (ngram) takes the target's vocabulary from the
+            # options; check it at a small one unless the caller chose.
+            opts.setdefault("vocab_size", 64)
     subject = f"backend {name} ({name}:{args})"
 
     def make_model() -> Model:

@@ -159,9 +159,12 @@ def check_capacity(p: Probe, s: Settings) -> str:
     if room is None:
         raise Skip("context_size is None (unbounded)")
     room = int(room)
-    if room > s.max_context:
+    if room > s.context_limit:
+        mode = "--quick" if s.quick else "--full"
         raise Skip(
-            f"context_size {room} > max_context {s.max_context}; raise max_context to run it"
+            f"context_size {room} > {s.context_limit}, the most this check fills in {mode}; "
+            f"run --full, pass Settings(max_context=...), or load the model with a smaller "
+            f"context"
         )
     prompt = p.tokens(room - 1)
     h = p.open(prompt, f"open({room - 1} tokens), one below context_size")
@@ -178,7 +181,7 @@ def check_capacity(p: Probe, s: Settings) -> str:
         lambda: p.model.open(p.tokens(room + 1)),
         f"open({room + 1} tokens) past context_size",
     )
-    g = p.open(prompt[:-1], f"open({room - 2} tokens)")
+    g = p.fork(h, room - 2, f"fork(full handle, {room - 2})")
     p.expect_raise(
         CapacityError,
         lambda: p.model.extend([(g, p.tokens(3))]),

@@ -260,7 +260,7 @@ def check_close(p: Probe, s: Settings) -> str:
         prompt,
         "other handle extended after closing one (and after a rejected batch)",
     )
-    cycles = 4 * max(s.n_handles, 16) if s.quick else 16 * max(s.n_handles, 16)
+    cycles = 2 * max(s.n_handles, 16) if s.quick else 8 * max(s.n_handles, 16)
     for i in range(cycles):
         p.step = f"open/extend/close cycle {i} of {cycles}"
         try:

@@ -19,3 +19,12 @@ def _load_missing_file(args, options):  # type: ignore[no-untyped-def]
 
 
 BROKEN_LOAD = BackendSpec(name="ghost", load=_load_missing_file, default_target="ghost:tiny.bin")
+
+
+def _load_draft_only(args, options):  # type: ignore[no-untyped-def]
+    from backends.reference import ReferenceModel
+
+    return ReferenceModel.random(vocab_size=int(options["vocab_size"]), order=1)
+
+
+DRAFT_ONLY = BackendSpec(name="ghost", load=_load_draft_only, default_draft="ghost:")

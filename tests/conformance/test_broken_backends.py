@@ -26,7 +26,8 @@ def test_broken_backend_is_caught(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(set(BROKEN) - {"clips_tokens"}))  # walk sends valid ids
 def test_random_walk_alone_catches_stateful_faults(name: str) -> None:
     factory, _, _ = BROKEN[name]
-    report = conformance.check_model(factory, only=["stateful_walk"])
+    settings = conformance.Settings(walk_runs=3)  # --quick walks once; give it three tries
+    report = conformance.check_model(factory, only=["stateful_walk"], settings=settings)
     assert report.failed, report.format_table()
     assert "shrunk from" in report.rows[0].message
 

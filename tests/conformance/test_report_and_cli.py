@@ -171,3 +171,26 @@ def test_cli_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert data[0]["rows"][0]["name"] == "close"
     assert "HandleError" in data[0]["rows"][0]["message"]
     assert "FAILED close" in capsys.readouterr().out
+
+
+def test_draft_only_backend_is_checked_on_its_default_draft(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ssd_core._registry as registry
+
+    monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:DRAFT_ONLY")
+    report = conformance.check_backend("ghost")
+    assert report.passed
+    assert "vocab 64" in report.rows[0].measured
+
+
+def test_large_context_capacity_is_skipped_in_quick_and_run_in_full() -> None:
+    from backends.reference import ReferenceModel
+
+    def make():  # type: ignore[no-untyped-def]
+        return ReferenceModel.random(vocab_size=8, order=1, context_size=300)
+
+    quick = conformance.check_model(make, only=["context_capacity"])
+    assert quick.rows[0].status is Status.SKIPPED
+    assert "run --full" in quick.rows[0].message
+    assert conformance.check_model(make, only=["context_capacity"], quick=False).passed
