@@ -293,37 +293,45 @@ def check_handle_errors(p: Probe, s: Settings) -> str:
 
 
 def check_many_handles(p: Probe, s: Settings) -> str:
-    """``n_handles`` handles live at once, scored together and separately."""
+    """``n_handles`` handles live at once, scored together and separately.
+
+    The expected logits are computed first, so the check never needs more than
+    ``n_handles`` handles at a time.
+    """
+    n = s.n_handles
     length = min(seq_len(p, s), 6)
-    prompts, handles = [], []
-    for i in range(s.n_handles):
-        pr = p.tokens(int(p.rng.integers(0, length + 1)))
+    prompts = [p.tokens(int(p.rng.integers(0, length + 1))) for _ in range(n)]
+    news = [p.tokens(int(p.rng.integers(1, 3))) for _ in range(n)]
+    mores = [p.tokens(1) for _ in range(n)]
+    want = [p.fresh_rows(pr, nw) for pr, nw in zip(prompts, news, strict=True)]
+    want_more = [p.fresh_rows(pr + nw, mo) for pr, nw, mo in zip(prompts, news, mores, strict=True)]
+    handles = []
+    for i, pr in enumerate(prompts):
         try:
-            handles.append(p.open(pr, f"open of handle {i + 1} of {s.n_handles}"))
+            handles.append(p.open(pr, f"open of handle {i + 1} of {n}"))
         except CapacityError as exc:
             raise Fault(
-                f"only {i} handles could be open at once ({exc}); the suite needs "
-                f"{s.n_handles} (tree decoding keeps one per branch); lower n_handles "
-                f"if the backend documents a smaller limit"
+                f"only {i} handles could be open at once ({exc}); the suite needs {n} (tree "
+                f"decoding keeps one per branch); lower n_handles if the backend documents a "
+                f"smaller limit"
             ) from exc
-        prompts.append(pr)
-    if len(set(handles)) != len(handles):
-        raise Fault(
-            f"{len(handles)} open() calls returned only {len(set(handles))} distinct handles"
-        )
-    news = [p.tokens(int(p.rng.integers(1, 3))) for _ in handles]
-    out = p.extend(
-        list(zip(handles, news, strict=True)), f"one batch over all {len(handles)} handles"
-    )
-    for i, (pr, nw, got) in enumerate(zip(prompts, news, out, strict=True)):
+    if len(set(handles)) != n:
+        raise Fault(f"{n} open() calls returned only {len(set(handles))} distinct handles")
+    out = p.extend(list(zip(handles, news, strict=True)), f"one batch over all {n} handles")
+    for i in range(n):
         p.compare(
-            got,
-            p.fresh_rows(pr, nw),
-            f"handle {i} in a {len(handles)}-handle batch",
-            context_len=len(pr),
+            out[i],
+            want[i],
+            f"handle {i} in a {n}-handle batch",
+            context_len=len(prompts[i]),
             tolerance=max(p.tolerance, p.batch_tolerance),
         )
-    for i in p.rng.permutation(len(handles)):
-        more = p.tokens(1)
-        p.expect_rows(handles[i], more, prompts[i] + news[i], f"handle {i} extended alone")
-    return f"{len(handles)} handles"
+    for i in p.rng.permutation(n):
+        got = p.extend_one(handles[i], mores[i], f"handle {i} extended alone")
+        p.compare(
+            got,
+            want_more[i],
+            f"handle {i} extended alone, all {n} handles open",
+            context_len=len(prompts[i]) + len(news[i]),
+        )
+    return f"{n} handles"

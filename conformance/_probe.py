@@ -205,6 +205,25 @@ class Probe:
             self.step = step
         return self._fresh[key]
 
+    def fresh_block(self, before: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """Fresh logits for ``before + tokens`` from one new handle: ``open(before)``, then
+        one ``extend(tokens)``.
+
+        A from-scratch recomputation that costs one prefill however many tokens are
+        scored (the random walk uses it). It shares the multi-token extend path with the
+        handle under test, which ``extend_vs_prefill`` checks on its own.
+        """
+        ctx = [int(t) for t in before]
+        keys = [tuple(ctx + [int(t) for t in tokens[: j + 1]]) for j in range(len(tokens))]
+        if all(k in self._fresh for k in keys):
+            return np.stack([self._fresh[k] for k in keys])
+        step = self.step
+        handle = self.open(ctx, what=f"fresh handle for a {len(ctx)}-token context")
+        rows = self.extend_one(handle, tokens, what=f"oracle for {len(ctx)}+{len(tokens)} tokens")
+        self.close(handle, what="closing a fresh oracle handle")
+        self.step = step
+        return rows
+
     def fresh_rows(self, before: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """Fresh logits for every position of ``before + tokens[:j+1]``."""
         ctx = list(before)

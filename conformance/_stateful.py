@@ -99,7 +99,7 @@ def model_state_machine(
             for (s, t), got in zip(batch, out, strict=True):
                 self.p.compare(
                     got,
-                    self.p.fresh_rows(self.tokens[s], t),
+                    self.p.fresh_block(self.tokens[s], t),
                     f"{what}, h{s}",
                     context_len=len(self.tokens[s]),
                     tolerance=max(tol, btol),

@@ -155,7 +155,7 @@ def _execute(p: Probe, ops: Sequence[Op], room: int | None, log: list[str]) -> i
             for (s, t), got in zip(batch, out, strict=True):
                 p.compare(
                     got,
-                    p.fresh_rows(state[s], t),
+                    p.fresh_block(state[s], t),
                     f"{what}, request h{s}",
                     context_len=len(state[s]),
                     tolerance=tol,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from backends.reference import ReferenceModel
-from ssd_core import Handle
+from ssd_core import CapacityError, Handle
 
 
 def reference(**kwargs: Any) -> ReferenceModel:
@@ -194,26 +194,33 @@ class WrongWidth(Wrapper):
 
 
 class FewHandles(Wrapper):
-    """Refuses more than 8 open handles, and never frees a slot on close."""
+    """Holds at most ``limit`` handles at once (a fixed number of sequence slots) and,
+    with ``leak=True``, never frees a slot on close."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 8, *, leak: bool = False) -> None:
         super().__init__()
-        self._made = 0
+        self.limit = limit
+        self.leak = leak
+        self._used = 0
 
     def _slot(self) -> None:
-        from ssd_core import CapacityError
-
-        self._made += 1
-        if self._made > 8:
-            raise CapacityError(f"{self.name}: out of sequence slots")
+        if self._used >= self.limit:
+            raise CapacityError(f"{self.name}: all {self.limit} sequence slots are in use")
+        self._used += 1
 
     def open(self, tokens: Sequence[int]) -> Handle:
         self._slot()
         return self.inner.open(tokens)
 
     def fork(self, handle: Handle, length: int) -> Handle:
+        self.inner.tokens(handle)
         self._slot()
         return self.inner.fork(handle, length)
+
+    def close(self, handle: Handle) -> None:
+        self.inner.close(handle)
+        if not self.leak:
+            self._used -= 1
 
 
 Factory = Callable[[], Any]
@@ -234,5 +241,10 @@ BROKEN: dict[str, tuple[Factory, tuple[str, ...], str]] = {
     "clips_tokens": (ClipsTokens, ("invalid_tokens",), "InputError"),
     "returns_nan": (ReturnsNaN, ("no_nan_inf",), "NaN"),
     "wrong_width": (WrongWidth, ("shapes_dtypes",), "vocab_size columns"),
-    "few_handles": (FewHandles, ("many_handles", "close"), "handles"),
+    "few_handles": (FewHandles, ("many_handles",), "only 8 handles could be open at once"),
+    "leaky_close": (
+        lambda: FewHandles(64, leak=True),
+        ("close",),
+        "close() does not release them",
+    ),
 }
