@@ -30,8 +30,9 @@ def check_backend(
 
     Args:
         name: a registered backend (``reference``, ``llama_cpp``, ...).
-        args: the text after ``NAME:`` in a model spec; default: the backend's
-            ``default_target``, else its ``default_draft`` if that names this backend.
+        args: the text after ``NAME:`` in a model spec; default: the spec's
+            ``conformance_target`` attribute if it has one (a small model for this
+            suite), else its ``default_target``, else its ``default_draft``.
         options: engine options passed to ``BackendSpec.load``.
         **kwargs: passed to :func:`check_model`.
 
@@ -49,7 +50,11 @@ def check_backend(
     except ImportError as exc:
         return skipped_report(f"backend {name}", f"engine not installed: {exc}")
     if args is None:
-        default = spec.default_target or spec.default_draft  # a draft-only backend: its draft
+        # A spec may name a small model meant for this suite (``conformance_target``, an
+        # optional attribute); else its default target; else (draft-only) its draft.
+        default = (
+            getattr(spec, "conformance_target", None) or spec.default_target or spec.default_draft
+        )
         if default is None:
             return skipped_report(
                 f"backend {name}", "backend has neither default_target nor default_draft; pass args"
