@@ -11,7 +11,6 @@ which becomes the check's measured figure.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -328,9 +327,3 @@ def _shift_hints(got: np.ndarray, want: np.ndarray, tol: float) -> list[str]:
             "the wrong position)"
         )
     return hints
-
-
-def describe(value: Any) -> str:
-    """Short repr for messages."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
