@@ -15,9 +15,9 @@ from ._errors import (
     SSDError,
     UnknownOptionError,
 )
-from ._latency import LatencyModel
 from ._events import Lane
 from ._fanout import geometric_fanout
+from ._latency import LatencyModel
 from ._machine import TRANSITIONS, Machine, Phase, Speculation
 from ._metrics import Metrics
 from ._protocol import Handle, Model, Tokenizer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import attrs
@@ -74,7 +74,9 @@ class _Run:
         if mode not in MODES:
             raise UnknownOptionError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if driver not in DRIVERS:
-            raise UnknownOptionError(f"unknown driver {driver!r}; choose one of {', '.join(DRIVERS)}")
+            raise UnknownOptionError(
+                f"unknown driver {driver!r}; choose one of {', '.join(DRIVERS)}"
+            )
         if config is None:
             config = SSDConfig()
         if not isinstance(config, SSDConfig):
@@ -98,9 +100,12 @@ class _Run:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise InputError("prompts must be a non-empty list of token-id lists")
         checked: list[list[int]] = []
+        ids: list[int]
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-                raise InputError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+                raise InputError(
+                    f"prompt {i} must be a list of token ids, got {type(prompt).__name__}"
+                )
             if len(prompt) == 0:
                 raise InputError(f"prompt {i} is empty; every prompt needs at least one token")
             ids = []
@@ -109,7 +114,9 @@ class _Run:
                     raise InputError(f"prompt {i} holds {t!r}, which is not a token id")
                 t = int(t)
                 if not 0 <= t < vocab:
-                    raise InputError(f"prompt {i} holds token id {t}, outside the vocabulary [0, {vocab})")
+                    raise InputError(
+                        f"prompt {i} holds token id {t}, outside the vocabulary [0, {vocab})"
+                    )
                 ids.append(t)
             checked.append(ids)
         if sampling is None:
@@ -118,16 +125,21 @@ class _Run:
             params = [sampling] * len(checked)
         else:
             params = list(sampling)
-            if len(params) != len(checked) or not all(isinstance(p, SamplingParams) for p in params):
+            if len(params) != len(checked) or not all(
+                isinstance(p, SamplingParams) for p in params
+            ):
                 raise ConfigError(
                     "sampling must be one SamplingParams or one per prompt "
                     f"({len(checked)} prompts, got {len(params)} values)"
                 )
         for p in params:
-            for ids in (p.stop_token_ids or ()), *p.stop_sequences:
-                for t in ids:
+            stop_lists: list[tuple[int, ...]] = [p.stop_token_ids or (), *p.stop_sequences]
+            for stop in stop_lists:
+                for t in stop:
                     if not 0 <= t < vocab:
-                        raise ConfigError(f"stop token id {t} is outside the vocabulary [0, {vocab})")
+                        raise ConfigError(
+                            f"stop token id {t} is outside the vocabulary [0, {vocab})"
+                        )
         tokenizer = getattr(target, "tokenizer", None)
         eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ()) if tokenizer is not None else ()
         self.tokenizer = tokenizer
@@ -152,7 +164,7 @@ class _Run:
         )
         self.clock = [0.0]
 
-    def events(self) -> Iterator[StreamEvent]:
+    def events(self) -> Generator[StreamEvent, None, None]:
         for _ in run_driver(self.driver, self.machine, self.models, self.clock):
             for index, toks in self.machine.pop_new_tokens():
                 yield StreamEvent(index=index, tokens=tuple(toks))
@@ -296,4 +308,3 @@ def generate(
     except Exception as exc:
         raise GenerationError(f"generation failed: {exc!r}", run.result()) from exc
     return run.result()
-

@@ -101,7 +101,9 @@ def _fanout(value: Any) -> int | tuple[int, ...]:
     try:
         return tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ConfigError(f"fanout must be an int budget or a list of ints, got {value!r}") from None
+        raise ConfigError(
+            f"fanout must be an int budget or a list of ints, got {value!r}"
+        ) from None
 
 
 def _optional_fanout(value: Any) -> int | tuple[int, ...] | None:

@@ -9,7 +9,6 @@ per lane is outstanding at a time.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -104,4 +103,3 @@ def cost_of(model: Model, request: Request) -> float | None:
     if isinstance(request, Fork):
         return float(latency.cache_op_cost(len(request.items)))
     return 0.0
-

@@ -56,24 +56,26 @@ from ._fanout import OutcomeStats
 from ._math import (
     accept_probabilities,
     check_logits,
+    count_above,
     draft_weights,
     move_like,
     namespace,
     residual_weights,
     target_probs,
-    to_host,
     top_ids,
 )
 from ._metrics import Metrics, MetricsRecorder
 from ._protocol import Handle
-from ._random import RandomSource
+from ._random import Key, RandomSource
 
 __all__ = ["TRANSITIONS", "Machine", "Phase", "Speculation"]
 
 
 class Phase(enum.Enum):
     OPENING = "opening"  # prefilling the prompts on both lanes
-    DRAFTING = "drafting"  # the draft proposes K tokens just in time (sd, first round, neural fallback)
+    DRAFTING = (
+        "drafting"  # the draft proposes K tokens just in time (sd, first round, neural fallback)
+    )
     VERIFYING = "verifying"  # the target verifies; in ssd the draft fills the cache meanwhile
     CLOSING = "closing"  # every sequence finished; handles are being released
     DONE = "done"
@@ -105,7 +107,8 @@ class Speculation:
     """Draft tokens and the proposal weights (rows, any namespace) they were drawn from.
 
     ``source`` is ``"cache"`` (a hit: the primary speculator), ``"neural"`` (drafted
-    just in time) or ``"fast"`` (n-gram backup tokens; q is one-hot).
+    just in time) or ``"fast"`` (n-gram backup tokens: point masses, ``q`` is ``None``
+    and the verifier uses one-hot rows).
     """
 
     tokens: tuple[int, ...]
@@ -135,7 +138,24 @@ class _Seq:
     t_held: list[int] = attrs.field(factory=list)
     d_handle: Handle = None
     d_held: list[int] = attrs.field(factory=list)
+    #: Raw draft logits rows already computed for the draft handle, by the position of
+    #: the token that was fed (row p predicts token p + 1).
+    d_rows: dict[int, Any] = attrs.field(factory=dict)
     rounds: int = 0
+
+    def plan_draft(
+        self, desired: list[int], first_needed: int
+    ) -> tuple[int | None, tuple[int, ...], int]:
+        """Bring the draft handle to ``desired`` so that rows from ``first_needed`` on are
+        known, reusing remembered rows: (truncate-to or None, tokens to feed, first fed
+        position). The handle is recorded as holding ``desired`` from now on."""
+        keep = min(_common_prefix(self.d_held, desired), len(desired) - 1)
+        if any(p not in self.d_rows for p in range(first_needed, keep)):
+            keep = min(keep, first_needed)
+        truncate = keep if keep < len(self.d_held) else None
+        self.d_rows = {p: r for p, r in self.d_rows.items() if first_needed <= p < keep}
+        self.d_held = list(desired)
+        return truncate, tuple(desired[keep:]), keep
 
     @property
     def generated(self) -> list[int]:
@@ -150,7 +170,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _sync(held: list[int], desired: list[int], first_needed: int) -> tuple[int | None, tuple[int, ...]]:
+def _sync(
+    held: list[int], desired: list[int], first_needed: int
+) -> tuple[int | None, tuple[int, ...]]:
     """How to bring a handle holding ``held`` to ``desired`` while scoring every
     position from ``first_needed`` on: (truncate-to or None, tokens to feed)."""
     keep = min(_common_prefix(held, desired), first_needed)
@@ -203,7 +225,9 @@ class _OpenJob(_Job):
     def receive(self, request: Request, result: Any) -> None:
         handles = tuple(result)
         if len(handles) != len(self.m.seqs):
-            self.m.contract(self.lane, f"open returned {len(handles)} handles for {len(self.m.seqs)} prompts")
+            self.m.contract(
+                self.lane, f"open returned {len(handles)} handles for {len(self.m.seqs)} prompts"
+            )
         for s, h in zip(self.m.seqs, handles):
             if self.lane is Lane.TARGET:
                 s.t_handle, s.t_held = h, list(s.tokens[:-1])
@@ -257,10 +281,14 @@ class _VerifyJob(_Job):
     def receive(self, request: Request, result: Any) -> None:
         m = self.m
         assert isinstance(request, Extend)
-        logits = check_logits(result, request.rows, m.vocab_size, who=m.target_name, what="verification")
+        logits = check_logits(
+            result, request.rows, m.vocab_size, who=m.target_name, what="verification"
+        )
         xp = namespace(logits)
         # Gather each sequence's K_i + 1 needed rows into one block.
-        picks, params, offset = [], [], 0
+        picks: list[int] = []
+        params: list[SamplingParams] = []
+        offset = 0
         for s, (_, _, feed) in zip(self.seqs, request.items):
             n = len(s.spec.tokens) + 1  # type: ignore[union-attr]
             start = offset + len(feed) - n
@@ -277,7 +305,12 @@ class _VerifyJob(_Job):
             starts.append(at)
             k = len(s.spec.tokens)  # type: ignore[union-attr]
             at += k + 1
-            if k:
+            if k and s.spec.q is None:  # type: ignore[union-attr]
+                # Point masses (fast backup tokens): one-hot rows, built where p lives.
+                cols = xp.arange(m.vocab_size, device=_device(p))
+                toks = xp.asarray(list(s.spec.tokens), device=_device(p))  # type: ignore[union-attr]
+                q_rows.append(xp.astype(cols[None, :] == toks[:, None], xp.float64))
+            elif k:
                 q_rows.append(move_like(s.spec.q, p))  # type: ignore[union-attr]
         accept_p: list[list[float]] = []
         for s, st, q in zip(self.seqs, starts, _iter_q(self.seqs, q_rows)):
@@ -287,7 +320,9 @@ class _VerifyJob(_Job):
         running = [i for i, s in enumerate(self.seqs) if s.spec.tokens]  # type: ignore[union-attr]
         pos = 0
         while running:
-            keys = [("accept", self.seqs[i].index, self.seqs[i].rounds, pos) for i in running]
+            keys: list[Key] = [
+                ("accept", self.seqs[i].index, self.seqs[i].rounds, pos) for i in running
+            ]
             draws = m.source.bernoulli(keys, [accept_p[i][pos] for i in running])
             still = []
             for i, ok in zip(running, draws):
@@ -306,11 +341,13 @@ class _VerifyJob(_Job):
                 last_rows.append(residual_weights(p[st + a], q[a]))
             else:
                 last_rows.append(p[st + a])
-        keys = [("token", s.index, s.rounds) for s in self.seqs]
-        tokens = m.source.categorical(keys, xp.stack(last_rows))
+        token_keys: list[Key] = [("token", s.index, s.rounds) for s in self.seqs]
+        tokens = m.source.categorical(token_keys, xp.stack(last_rows))
         for i, s in enumerate(self.seqs):
             self.outcomes[s.index] = Outcome(
-                accepted=accepted[i], token=tokens[i], proposed=len(s.spec.tokens)  # type: ignore[union-attr]
+                accepted=accepted[i],
+                token=tokens[i],
+                proposed=len(s.spec.tokens),  # type: ignore[union-attr]
             )
         self.done = True
 
@@ -349,13 +386,14 @@ class _DraftJob(_Job):
             return None
         self.in_flight = True
         items = []
+        self.fed_from = []
         for s in self.seqs:
             if self.step == 0:
-                keep, feed = _sync(s.d_held, s.tokens, len(s.tokens) - 1)
-                s.d_held = list(s.tokens)
+                keep, feed, start = s.plan_draft(s.tokens, len(s.tokens) - 1)
             else:
-                keep, feed = None, (self.tokens[s.index][-1],)
+                keep, feed, start = None, (self.tokens[s.index][-1],), len(s.d_held)
                 s.d_held.append(feed[0])
+            self.fed_from.append(start)
             items.append((s.d_handle, keep, feed))
         return Extend(id=rid, lane=Lane.DRAFT, items=tuple(items), purpose=f"draft:{self.source}")
 
@@ -365,13 +403,18 @@ class _DraftJob(_Job):
         logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="drafting")
         xp = namespace(logits)
         last, offset = [], 0
-        for _, _, feed in request.items:
+        for s, start, (_, _, feed) in zip(self.seqs, self.fed_from, request.items):
+            for j in range(len(feed)):
+                s.d_rows[start + j] = logits[offset + j]
             offset += len(feed)
             last.append(offset - 1)
         rows = xp.take(logits, xp.asarray(last, device=_device(logits)), axis=0)
         fan = m.saguaro_fanout(backup=True)[self.step]
         w = draft_weights(
-            rows, [s.params.effective_draft_temperature for s in self.seqs], [fan] * len(self.seqs), m.saguaro_c
+            rows,
+            [s.params.effective_draft_temperature for s in self.seqs],
+            [fan] * len(self.seqs),
+            m.saguaro_c,
         )
         keys = [(self.source, s.index, s.rounds, self.step) for s in self.seqs]
         drawn = m.source.categorical(keys, w)
@@ -383,7 +426,9 @@ class _DraftJob(_Job):
         if self.step == m.k:
             for s in self.seqs:
                 s.spec = Speculation(
-                    tokens=tuple(self.tokens[s.index]), q=xp.stack(self.rows[s.index]), source=self.source
+                    tokens=tuple(self.tokens[s.index]),
+                    q=xp.stack(self.rows[s.index]),
+                    source=self.source,
                 )
             self.done = True
 
@@ -396,7 +441,9 @@ class _Branch:
     handle: Handle = None
     tokens: list[int] = attrs.field(factory=list)
     rows: list[Any] = attrs.field(factory=list)
+    raw: list[Any] = attrs.field(factory=list)
     live: bool = True
+    promoted: bool = False
 
 
 class _TreeJob(_Job):
@@ -430,15 +477,15 @@ class _TreeJob(_Job):
     def next(self, rid: int) -> Request | None:
         if self.done or self.in_flight:
             return None
-        m = self.m
         if self.stage == "glue":
-            items = []
+            glue: list[tuple[Handle, int | None, tuple[int, ...]]] = []
+            self.fed_from = []
             for s in self.seqs:
                 desired = s.tokens + list(s.spec.tokens)  # type: ignore[union-attr]
-                keep, feed = _sync(s.d_held, desired, len(s.tokens) - 1)
-                items.append((s.d_handle, keep, feed))
-                s.d_held = desired
-            req: Request = Extend(id=rid, lane=Lane.DRAFT, items=tuple(items), purpose="glue")
+                keep, feed, start = s.plan_draft(desired, len(s.tokens) - 1)
+                glue.append((s.d_handle, keep, feed))
+                self.fed_from.append(start)
+            req: Request = Extend(id=rid, lane=Lane.DRAFT, items=tuple(glue), purpose="glue")
         else:
             self._sent = [b for b in self.branches if b.live]
             if not self._sent:
@@ -464,11 +511,17 @@ class _TreeJob(_Job):
         self.in_flight = False
         if self.stage == "glue":
             assert isinstance(request, Extend)
-            logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="glue pass")
+            logits = check_logits(
+                result, request.rows, m.vocab_size, who=m.draft_name, what="glue pass"
+            )
+            xp = namespace(logits)
             offset = 0
-            for s, (_, _, feed) in zip(self.seqs, request.items):
+            for s, start, (_, _, feed) in zip(self.seqs, self.fed_from, request.items):
+                for j in range(len(feed)):
+                    s.d_rows[start + j] = logits[offset + j]
                 offset += len(feed)
-                self.glue[s.index] = logits[offset - m.k - 1 : offset]
+                first = len(s.tokens) - 1
+                self.glue[s.index] = xp.stack([s.d_rows[p] for p in range(first, first + m.k + 1)])
             self._plan_branches()
             self.stage = "fork"
             if not self.branches:
@@ -476,7 +529,9 @@ class _TreeJob(_Job):
         elif self.stage == "fork":
             handles = tuple(result)
             if len(handles) != len(self._sent):
-                m.contract(Lane.DRAFT, f"fork returned {len(handles)} handles for {len(self._sent)} forks")
+                m.contract(
+                    Lane.DRAFT, f"fork returned {len(handles)} handles for {len(self._sent)} forks"
+                )
             for b, h in zip(self._sent, handles):
                 b.handle = h
             self.branches = [b for b in self.branches if b.handle is not None]
@@ -485,7 +540,9 @@ class _TreeJob(_Job):
         else:
             assert isinstance(request, Extend)
             live = self._sent
-            logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="tree decode")
+            logits = check_logits(
+                result, request.rows, m.vocab_size, who=m.draft_name, what="tree decode"
+            )
             fan_next = m.saguaro_fanout(backup=False)
             fan = fan_next[self.step] if self.step < len(fan_next) else 0
             w = draft_weights(
@@ -499,6 +556,7 @@ class _TreeJob(_Job):
             for i, b in enumerate(live):
                 b.tokens.append(drawn[i])
                 b.rows.append(w[i])
+                b.raw.append(logits[i])
             self.step += 1
             if self.step == m.k:
                 self.done = True
@@ -518,13 +576,13 @@ class _TreeJob(_Job):
                         continue
                     self.branches.append(_Branch(seq=s, k=k, token=t))
 
-    def lookup(self, seq: _Seq, outcome: Outcome) -> Speculation | None:
+    def lookup(self, seq: _Seq, outcome: Outcome) -> _Branch | None:
+        """The complete cached branch for this outcome, if the cache has one."""
         for b in self.branches:
             if b.seq is seq and b.k == outcome.accepted and b.token == outcome.token:
                 if len(b.tokens) != self.m.k:
                     raise InternalError("a cached branch was used before it was complete")
-                xp = namespace(b.rows[0])
-                return Speculation(tokens=tuple(b.tokens), q=xp.stack(b.rows), source="cache")
+                return b
         return None
 
     def rank(self, seq: _Seq, outcome: Outcome) -> int | None:
@@ -532,14 +590,12 @@ class _TreeJob(_Job):
         g = self.glue.get(seq.index)
         if g is None:
             return None
-        z = to_host(g[outcome.accepted]).copy()
-        if outcome.accepted < len(seq.spec.tokens):  # type: ignore[union-attr]
-            z[seq.spec.tokens[outcome.accepted]] = -np.inf  # type: ignore[union-attr]
-        t = outcome.token
-        return int(np.sum(z > z[t]) + np.sum(z[:t] == z[t]) + 1)
+        spec = seq.spec.tokens  # type: ignore[union-attr]
+        exclude = spec[outcome.accepted] if outcome.accepted < len(spec) else None
+        return count_above(g[outcome.accepted], outcome.token, exclude) + 1
 
     def handles(self) -> list[Handle]:
-        return [b.handle for b in self.branches if b.handle is not None]
+        return [b.handle for b in self.branches if b.handle is not None and not b.promoted]
 
 
 # -- the machine ----------------------------------------------------------------------
@@ -590,7 +646,10 @@ class Machine:
         self.saguaro_c = config.saguaro_c if mode == "ssd" else 1.0
         self.phase = Phase.OPENING
         self.metrics = MetricsRecorder()
-        self.stats = {"primary": OutcomeStats(config.rank_window), "backup": OutcomeStats(config.rank_window)}
+        self.stats = {
+            "primary": OutcomeStats(config.rank_window),
+            "backup": OutcomeStats(config.rank_window),
+        }
         self.seqs: list[_Seq] = []
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             if sp.stop_token_ids is not None:
@@ -598,7 +657,14 @@ class Machine:
             else:
                 stops = frozenset() if sp.ignore_eos else frozenset(eos_ids)
             self.seqs.append(
-                _Seq(index=i, prompt_len=len(prompt), tokens=list(prompt), params=sp, stop_ids=stops, max_new=max_new_tokens)
+                _Seq(
+                    index=i,
+                    prompt_len=len(prompt),
+                    tokens=list(prompt),
+                    params=sp,
+                    stop_ids=stops,
+                    max_new=max_new_tokens,
+                )
             )
         self._queues: dict[Lane, deque[_Job]] = {Lane.TARGET: deque(), Lane.DRAFT: deque()}
         self._in_flight: dict[Lane, Request | None] = {Lane.TARGET: None, Lane.DRAFT: None}
@@ -614,9 +680,11 @@ class Machine:
         self.error: BaseException | None = None
 
         for s in self.seqs:
-            if max_new_tokens == 0:
-                self._finish(s, "length")
-            elif self.target_context is not None and len(s.tokens) > self.target_context:
+            if (
+                max_new_tokens == 0
+                or self.target_context is not None
+                and len(s.tokens) > self.target_context
+            ):
                 self._finish(s, "length")
         self._queues[Lane.TARGET].append(_OpenJob(self, Lane.TARGET))
         self._opening = 1
@@ -658,7 +726,9 @@ class Machine:
         self._check_alive()
         lane = request.lane
         if self._in_flight[lane] is not request:
-            raise MachineError(f"result delivered for a request that is not outstanding: {request!r}")
+            raise MachineError(
+                f"result delivered for a request that is not outstanding: {request!r}"
+            )
         self._in_flight[lane] = None
         try:
             job = self._queues[lane][0]
@@ -724,7 +794,9 @@ class Machine:
         return [s.finish_reason for s in self.seqs]
 
     def freeze_metrics(self, *, driver: str, wall_s: float) -> Metrics:
-        return self.metrics.freeze(mode=self.mode, driver=driver, batch_size=len(self.seqs), wall_s=wall_s)
+        return self.metrics.freeze(
+            mode=self.mode, driver=driver, batch_size=len(self.seqs), wall_s=wall_s
+        )
 
     # -- coordination -----------------------------------------------------------------
 
@@ -802,6 +874,7 @@ class Machine:
         self._round_s.append(max(verify.busy_s, tree.busy_s if tree else 0.0))
         need_draft: list[_Seq] = []
         fast_seqs: list[_Seq] = []
+        retired: list[Handle] = []
         for s in verify.seqs:
             o = verify.outcomes[s.index]
             spec = s.spec
@@ -850,14 +923,23 @@ class Machine:
                     m.hits_after_primary += 1
                 else:
                     m.hits_after_backup += 1
-                s.spec = hit
+                xp = namespace(hit.rows[0])
+                s.spec = Speculation(tokens=tuple(hit.tokens), q=xp.stack(hit.rows), source="cache")
+                # The hit branch already holds the new context and its draft rows: it
+                # becomes the sequence's draft handle, so the next glue pass feeds 1 token.
+                retired.append(s.d_handle)
+                hit.promoted = True
+                first = len(s.tokens) - 1
+                s.d_handle = hit.handle
+                s.d_held = s.tokens + hit.tokens[:-1]
+                s.d_rows = {first + j: row for j, row in enumerate(hit.raw)}
             else:
                 s.spec = None
                 fast_seqs.append(s)
         if tree is not None:
-            self._queues[Lane.DRAFT].append(_CloseJob(Lane.DRAFT, tree.handles()))
+            self._queues[Lane.DRAFT].append(_CloseJob(Lane.DRAFT, tree.handles() + retired))
         if fast_seqs:
-            kind = self.config.fallback
+            kind: str = self.config.fallback
             if kind == "auto":
                 kind = self._auto_fallback(len(fast_seqs), len(self._live()))
             self.metrics.fallbacks[kind] = self.metrics.fallbacks.get(kind, 0) + len(fast_seqs)
@@ -866,9 +948,7 @@ class Machine:
             else:
                 for s in fast_seqs:
                     toks = fast_backup_tokens(s.tokens, self.k)
-                    q = np.zeros((self.k, self.vocab_size))
-                    q[np.arange(self.k), list(toks)] = 1.0
-                    s.spec = Speculation(tokens=toks, q=q, source="fast")
+                    s.spec = Speculation(tokens=toks, q=None, source="fast")
         self._after_round(need_draft)
 
     def _after_round(self, need_draft: list[_Seq] | None = None) -> None:
@@ -880,7 +960,9 @@ class Machine:
                     s.spec = Speculation(tokens=(), q=None, source="none")
                 else:
                     need_draft.append(s)
-        finished = [s for s in self.seqs if s.done and (s.t_handle is not None or s.d_handle is not None)]
+        finished = [
+            s for s in self.seqs if s.done and (s.t_handle is not None or s.d_handle is not None)
+        ]
         if finished:
             t = [s.t_handle for s in finished if s.t_handle is not None]
             d = [s.d_handle for s in finished if s.d_handle is not None]
@@ -916,7 +998,8 @@ class Machine:
             self.metrics.generated_tokens += 1
             gen = len(s.tokens) - s.prompt_len
             if t in s.stop_ids or any(
-                gen >= len(seq) and tuple(s.tokens[-len(seq) :]) == seq for seq in s.params.stop_sequences
+                gen >= len(seq) and tuple(s.tokens[-len(seq) :]) == seq
+                for seq in s.params.stop_sequences
             ):
                 self._finish(s, "stop")
                 break
@@ -964,8 +1047,16 @@ class Machine:
         t_round = float(np.mean(self._round_s[-16:])) or 1e-9
         a = self.stats["backup"].accept_rate
         e_neural_prior = sum(a**j for j in range(self.k + 1))
-        e_neural = float(np.mean(self._tokens_by_source["neural"][-64:])) if self._tokens_by_source["neural"] else e_neural_prior
-        e_fast = float(np.mean(self._tokens_by_source["fast"][-64:])) if self._tokens_by_source["fast"] else 1.0
+        e_neural = (
+            float(np.mean(self._tokens_by_source["neural"][-64:]))
+            if self._tokens_by_source["neural"]
+            else e_neural_prior
+        )
+        e_fast = (
+            float(np.mean(self._tokens_by_source["fast"][-64:]))
+            if self._tokens_by_source["fast"]
+            else 1.0
+        )
         m = self.metrics
         e_round = (m.generated_tokens / m.sequence_rounds) if m.sequence_rounds else e_neural
         gain_rate = missed * (e_neural - e_fast) / max(t_jit, 1e-9)

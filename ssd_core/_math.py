@@ -24,6 +24,7 @@ from ._errors import BackendContractError
 __all__ = [
     "accept_probabilities",
     "check_logits",
+    "count_above",
     "draft_weights",
     "namespace",
     "residual_weights",
@@ -58,7 +59,7 @@ def move_like(x: Array, like: Array) -> Array:
 
 
 def check_logits(x: Array, rows: int, vocab_size: int, *, who: str, what: str) -> Array:
-    """Validate a backend's logits and return them as float64.
+    """Validate a backend's logits (one pass: the row maxima) and return them as given.
 
     Raises:
         BackendContractError: wrong shape, NaN or +inf, or a row with no finite entry.
@@ -74,13 +75,11 @@ def check_logits(x: Array, rows: int, vocab_size: int, *, who: str, what: str) -
         raise BackendContractError(
             f"backend {who!r} returned logits of dtype {x.dtype} for {what}; expected a real float"
         )
-    x = xp.astype(x, xp.float64)
-    if rows:
-        bad = xp.any(xp.isnan(x)) | xp.any(x == math.inf) | xp.any(xp.all(x == -math.inf, axis=1))
-        if bool(bad):
-            raise BackendContractError(
-                f"backend {who!r} returned NaN, +inf or an all -inf row for {what}"
-            )
+    # NaN propagates through max; +inf or an all -inf row shows in the row maximum.
+    if rows and not bool(xp.all(xp.isfinite(xp.max(x, axis=1)))):
+        raise BackendContractError(
+            f"backend {who!r} returned NaN, +inf or an all -inf row for {what}"
+        )
     return x
 
 
@@ -122,7 +121,9 @@ def top_ids(z_row: Array, count: int, exclude: int | None = None) -> list[int]:
     ``exclude`` (a rejected draft token, which can never be the recovery token) is
     skipped. Entries at ``-inf`` are never returned.
     """
-    z = to_host(z_row).astype(np.float64, copy=True)
+    if not isinstance(z_row, np.ndarray):
+        return _top_ids_on_device(z_row, count, exclude)
+    z = z_row.astype(np.float64, copy=True)
     if exclude is not None:
         z[exclude] = -np.inf
     count = min(count, int(np.isfinite(z).sum()))
@@ -137,6 +138,40 @@ def top_ids(z_row: Array, count: int, exclude: int | None = None) -> list[int]:
         part = np.arange(z.shape[0])
     order = np.lexsort((part, -z[part]))  # by value descending, then id ascending
     return [int(i) for i in part[order][:count]]
+
+
+def _top_ids_on_device(z_row: Array, count: int, exclude: int | None) -> list[int]:
+    """:func:`top_ids` for device arrays: only a few candidates cross to the host."""
+    xp = namespace(z_row)
+    v = z_row.shape[0]
+    z = xp.astype(z_row, xp.float64)
+    if exclude is not None:
+        cols = xp.arange(v, device=compat.device(z))
+        z = xp.where(cols == exclude, xp.full_like(z, -math.inf), z)
+    fetch = min(v, count + 8)  # a few extra, so ties at the boundary sort by id
+    if compat.is_torch_array(z):
+        vals, ids = z.topk(fetch)
+    else:
+        ids = xp.argsort(-z, stable=True)[:fetch]
+        vals = xp.take(z, ids)
+    vals_h, ids_h = to_host(vals), to_host(ids)
+    keep = np.isfinite(vals_h)
+    vals_h, ids_h = vals_h[keep], ids_h[keep]
+    order = np.lexsort((ids_h, -vals_h))
+    return [int(i) for i in ids_h[order][:count]]
+
+
+def count_above(z_row: Array, token: int, exclude: int | None = None) -> int:
+    """How many entries outrank ``token`` in one row (larger value, or equal value and a
+    lower id), ``exclude`` not counted. One scalar crosses to the host."""
+    xp = namespace(z_row)
+    v = z_row.shape[0]
+    cols = xp.arange(v, device=compat.device(z_row))
+    zt = z_row[token]
+    above = (z_row > zt) | ((z_row == zt) & (cols < token))
+    if exclude is not None:
+        above = above & (cols != exclude)
+    return int(xp.sum(xp.astype(above, xp.int64)))
 
 
 def target_probs(logits: Array, params: Sequence[Any]) -> Array:
@@ -160,7 +195,7 @@ def target_probs(logits: Array, params: Sequence[Any]) -> Array:
     if all(greedy):
         return _onehot_argmax(xp, logits)
     t_arr = xp.asarray([t if t > 0 else 1.0 for t in temps], dtype=xp.float64, device=dev)
-    z = logits / t_arr[:, None]
+    z = xp.astype(logits, xp.float64) / t_arr[:, None]
     neg_inf = xp.asarray(-math.inf, dtype=xp.float64, device=dev)
 
     top_k = [int(p.top_k) if int(p.top_k) > 0 else v for p in params]
@@ -212,6 +247,8 @@ def draft_weights(
     greedy = [t == 0.0 for t in temperatures]
     if all(greedy):
         return _onehot_argmax(xp, logits)
+    if isinstance(logits, np.ndarray) and not any(greedy):
+        return _draft_weights_numpy(logits, temperatures, fanouts, saguaro_c)
     t_arr = xp.asarray([t if t > 0 else 1.0 for t in temperatures], dtype=xp.float64, device=dev)
     z = logits / t_arr[:, None]
     z = z - xp.max(z, axis=1, keepdims=True)
@@ -228,6 +265,46 @@ def draft_weights(
         g = xp.asarray(greedy, device=dev)
         w = xp.where(g[:, None], _onehot_argmax(xp, logits), w)
     return w
+
+
+def _draft_weights_numpy(
+    z: np.ndarray, temperatures: Sequence[float], fanouts: Sequence[int], saguaro_c: float
+) -> np.ndarray:
+    """The same weights as the generic path (up to a per-row scale, which sampling and
+    verification both ignore), in the logits' own precision and with as few passes as
+    possible: the tree's many rows make this the core's hottest loop on CPUs."""
+    inv_t = np.asarray([1.0 / t for t in temperatures], dtype=z.dtype)[:, None]
+    top = z.max(axis=1, keepdims=True) * inv_t
+    uniform_t = bool(np.all(inv_t == 1.0))
+    # exp(z / T) needs no shift when every row's maximum is well inside exp's range.
+    shift = not bool(np.all(np.abs(top) < 60.0))
+    if uniform_t and not shift:
+        w = np.exp(z)
+    else:
+        w = z * inv_t if not uniform_t else z.copy()
+        if shift:
+            w -= top
+        np.exp(w, out=w)
+    if saguaro_c < 1.0 and any(f > 0 for f in fanouts):
+        c = w.dtype.type(saguaro_c)
+        for r, f in enumerate(fanouts):
+            if f > 0:
+                row = z[r]
+                np.multiply(w[r], c, out=w[r], where=row >= _kth_largest_row(row, int(f)))
+    return np.asarray(w)
+
+
+def _kth_largest_row(row: np.ndarray, k: int) -> float:
+    """The k-th largest entry of a numpy row; partitions only the near-top entries when
+    there are enough of them."""
+    top = row.max()
+    near = row
+    for width in (0.5, 2.0, 8.0):
+        cand = row[row >= top - width]
+        if cand.shape[0] >= k:
+            near = cand
+            break
+    return float(np.partition(near, near.shape[0] - k)[near.shape[0] - k])
 
 
 def accept_probabilities(p: Array, q: Array, tokens: Sequence[int]) -> list[float]:

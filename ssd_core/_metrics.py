@@ -119,8 +119,10 @@ class Metrics:
 
     def summary(self) -> str:
         """One line for a terminal."""
-        parts = [f"{self.generated_tokens} tokens in {self.wall_s:.2f}s "
-                 f"({self.tokens_per_second:.1f} tok/s)"]
+        parts = [
+            f"{self.generated_tokens} tokens in {self.wall_s:.2f}s "
+            f"({self.tokens_per_second:.1f} tok/s)"
+        ]
         if self.proposed_tokens:
             parts.append(f"acceptance {self.acceptance_rate:.0%}")
             parts.append(f"mean accepted {self.mean_accepted_length:.2f}")

@@ -34,16 +34,22 @@ def _fanout(text: str) -> int | tuple[int, ...]:
             return int(parts[0])
         return tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"fanout must be an int budget or a comma list, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"fanout must be an int budget or a comma list, got {text!r}"
+        ) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--backend", default=DEFAULT_BACKEND, help="target backend (default: %(default)s)")
+    g.add_argument(
+        "--backend", default=DEFAULT_BACKEND, help="target backend (default: %(default)s)"
+    )
     g.add_argument("--target", help="target model spec (default: the backend's bundled model)")
     g.add_argument("--draft", help="draft model spec (default: the backend's default draft)")
     g.add_argument("--threads", type=int, help="CPU threads per model (engine backends)")
-    g.add_argument("--draft-threads", type=int, help="CPU threads for the draft (default: --threads)")
+    g.add_argument(
+        "--draft-threads", type=int, help="CPU threads for the draft (default: --threads)"
+    )
     g.add_argument("--n-ctx", type=int, help="context size (engine backends)")
     g.add_argument("--n-gpu-layers", type=int, help="layers to offload to the GPU (llama_cpp)")
     g.add_argument("--device", help="target device, e.g. cpu, cuda:0 (torch, onnx)")
@@ -54,8 +60,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--k", type=int, default=4, help="draft tokens per speculation")
-    g.add_argument("--fanout", type=_fanout, default=12, help="budget B, or F_0..F_K as a comma list")
-    g.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling constant C in (0, 1]")
+    g.add_argument(
+        "--fanout", type=_fanout, default=12, help="budget B, or F_0..F_K as a comma list"
+    )
+    g.add_argument(
+        "--saguaro-c", type=float, default=1.0, help="Saguaro sampling constant C in (0, 1]"
+    )
     g.add_argument("--fallback", choices=FALLBACKS, default="auto")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -68,16 +78,24 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssd", description="Speculative speculative decoding (Saguaro).")
+    parser = argparse.ArgumentParser(
+        prog="ssd", description="Speculative speculative decoding (Saguaro)."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text (or token ids) from a prompt")
-    gen.add_argument("prompt", nargs="?", default=None,
-                     help="prompt text; for id-only models, token ids separated by spaces or commas")
+    gen.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="prompt text; for id-only models, token ids separated by spaces or commas",
+    )
     gen.add_argument("--mode", choices=MODES, default="ssd")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of streaming"
+    )
     _add_model_args(gen)
     _add_decode_args(gen)
 
@@ -212,8 +230,12 @@ def _generate(args: argparse.Namespace) -> int:
         result_metrics = events.result().metrics if events.finished else None
         text = tok.decode(out) if tok is not None else None
         if args.json:
-            obj = {"tokens": out, "text": text, "prompt_tokens": len(prompt),
-                   "metrics": result_metrics.as_dict() if result_metrics else None}
+            obj = {
+                "tokens": out,
+                "text": text,
+                "prompt_tokens": len(prompt),
+                "metrics": result_metrics.as_dict() if result_metrics else None,
+            }
             print(json.dumps(obj))
         else:
             if tok is not None and text is not None and text.startswith(shown):
@@ -229,8 +251,10 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssd`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.command == "backends":
             for name, target in sorted(available_backends().items()):

@@ -5,15 +5,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import BackendSpec, ConfigError
+from ssd_core import BackendSpec, ConfigError, LatencyModel
+
 from ._model import ReferenceModel
 
 __all__ = ["BACKEND", "ReferenceModel", "parse_spec"]
 
-_INT_KEYS = {"vocab": "vocab_size", "vocab_size": "vocab_size", "order": "order", "seed": "seed",
-             "context": "context_size", "tie_levels": "tie_levels"}
-_FLOAT_KEYS = {"peakedness": "peakedness", "zero_fraction": "zero_fraction",
-               "divergence": "divergence"}
+_INT_KEYS = {
+    "vocab": "vocab_size",
+    "vocab_size": "vocab_size",
+    "order": "order",
+    "seed": "seed",
+    "context": "context_size",
+    "tie_levels": "tie_levels",
+}
+_FLOAT_KEYS = {
+    "peakedness": "peakedness",
+    "zero_fraction": "zero_fraction",
+    "divergence": "divergence",
+    "latency_ms": "latency_ms",
+    "token_ms": "token_ms",
+    "sleep": "sleep",
+}
 
 
 def parse_spec(args: str) -> dict[str, Any]:
@@ -39,20 +52,31 @@ def parse_spec(args: str) -> dict[str, Any]:
 
 def _load(args: str, options: Mapping[str, Any]) -> ReferenceModel:
     """``vocab=..,order=..,seed=..[,peakedness=..]``; a draft adds ``divergence=..``
-    and is then a perturbed copy of the model the other keys describe. Keys a draft
+    and is then a perturbed copy of the model the other keys describe. ``latency_ms``
+    and ``token_ms`` attach a latency model (per call, per token); ``sleep=0`` makes it
+    only modelled (for ``--driver simulated``), not slept. Keys a draft
     spec leaves out are taken from the target's spec (``options["target_args"]``)."""
     kw = parse_spec(str(options.get("target_args", ""))) if options.get("role") == "draft" else {}
-    kw.update(parse_spec(args))
+    own = parse_spec(args)
+    for key in ("latency_ms", "token_ms", "sleep"):  # a draft does not inherit the target's costs
+        kw.pop(key, None)
+    kw.update(own)
     divergence = kw.pop("divergence", None)
     context_size = kw.pop("context_size", None)
+    latency_ms = kw.pop("latency_ms", 0.0)
+    token_ms = kw.pop("token_ms", 0.0)
+    sleep = bool(kw.pop("sleep", 1.0))
+    extra: dict[str, Any] = {"context_size": context_size, "sleep": sleep}
+    if latency_ms or token_ms:
+        extra["latency"] = LatencyModel(
+            per_call=latency_ms / 1e3, per_token=token_ms / 1e3, prefill_per_token=token_ms / 1e3
+        )
     kw.setdefault("vocab_size", 64)
     if divergence is None:
-        return ReferenceModel.random(**kw, context_size=context_size)
+        return ReferenceModel.random(**kw, **extra)
     seed = kw.get("seed", 0)
     target = ReferenceModel.random(**kw)
-    return ReferenceModel.perturbed(
-        target, divergence=divergence, seed=seed + 7919, context_size=context_size
-    )
+    return ReferenceModel.perturbed(target, divergence=divergence, seed=seed + 7919, **extra)
 
 
 BACKEND = BackendSpec(

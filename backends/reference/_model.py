@@ -224,4 +224,6 @@ class ReferenceModel:
         return list(self._table.tokens(handle))
 
     def __repr__(self) -> str:
-        return f"ReferenceModel(name={self.name!r}, vocab_size={self.vocab_size}, order={self.order})"
+        return (
+            f"ReferenceModel(name={self.name!r}, vocab_size={self.vocab_size}, order={self.order})"
+        )

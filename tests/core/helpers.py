@@ -63,8 +63,16 @@ class Faulty(Recording):
         return out
 
 
-def pair(vocab: int = 16, order: int = 2, seed: int = 0, divergence: float = 0.5,
-         peakedness: float = 2.0, **kw: Any) -> tuple[ReferenceModel, ReferenceModel]:
-    target = ReferenceModel.random(vocab_size=vocab, order=order, seed=seed, peakedness=peakedness, **kw)
+def pair(
+    vocab: int = 16,
+    order: int = 2,
+    seed: int = 0,
+    divergence: float = 0.5,
+    peakedness: float = 2.0,
+    **kw: Any,
+) -> tuple[ReferenceModel, ReferenceModel]:
+    target = ReferenceModel.random(
+        vocab_size=vocab, order=order, seed=seed, peakedness=peakedness, **kw
+    )
     draft = ReferenceModel.perturbed(target, divergence=divergence, seed=seed + 100)
     return target, draft

@@ -10,9 +10,29 @@ from ssd_core.cli import main
 
 
 def test_generate_json(capsys):
-    rc = main(["generate", "--backend", "reference", "--target", "reference:vocab=32,order=2,seed=3",
-               "--max-new-tokens", "12", "--json", "--driver", "sequential", "--temperature", "1.0",
-               "--k", "3", "--fanout", "2,1,1,2", "--fallback", "fast", "1 2 3"])
+    rc = main(
+        [
+            "generate",
+            "--backend",
+            "reference",
+            "--target",
+            "reference:vocab=32,order=2,seed=3",
+            "--max-new-tokens",
+            "12",
+            "--json",
+            "--driver",
+            "sequential",
+            "--temperature",
+            "1.0",
+            "--k",
+            "3",
+            "--fanout",
+            "2,1,1,2",
+            "--fallback",
+            "fast",
+            "1 2 3",
+        ]
+    )
     assert rc == 0
     obj = json.loads(capsys.readouterr().out)
     assert len(obj["tokens"]) == 12 and obj["text"] is None
@@ -22,7 +42,10 @@ def test_generate_json(capsys):
 
 
 def test_generate_streams_ids_and_prints_stats(capsys):
-    assert main(["generate", "--backend", "reference", "--mode", "sd", "--max-new-tokens", "8", "5"]) == 0
+    assert (
+        main(["generate", "--backend", "reference", "--mode", "sd", "--max-new-tokens", "8", "5"])
+        == 0
+    )
     out = capsys.readouterr()
     assert len(out.out.split()) == 8
     assert "tokens in" in out.err
@@ -31,7 +54,19 @@ def test_generate_streams_ids_and_prints_stats(capsys):
 def test_greedy_modes_agree_through_the_cli(capsys):
     outs = []
     for mode in ("ar", "sd", "ssd"):
-        main(["generate", "--backend", "reference", "--mode", mode, "--json", "--max-new-tokens", "20", "7 8"])
+        main(
+            [
+                "generate",
+                "--backend",
+                "reference",
+                "--mode",
+                mode,
+                "--json",
+                "--max-new-tokens",
+                "20",
+                "7 8",
+            ]
+        )
         outs.append(json.loads(capsys.readouterr().out)["tokens"])
     assert outs[0] == outs[1] == outs[2]
 
@@ -41,9 +76,15 @@ def test_greedy_modes_agree_through_the_cli(capsys):
     [
         (["generate", "--backend", "nope"], "unknown backend"),
         (["generate", "--backend", "reference", "--k", "0"], "k must be"),
-        (["generate", "--backend", "reference", "--target", "reference:vocab=8", "99"], "outside the vocabulary"),
+        (
+            ["generate", "--backend", "reference", "--target", "reference:vocab=8", "99"],
+            "outside the vocabulary",
+        ),
         (["generate", "--backend", "reference", "hello"], "token ids"),
-        (["generate", "--backend", "reference", "--target", "reference:colour=3"], "unknown reference spec key"),
+        (
+            ["generate", "--backend", "reference", "--target", "reference:colour=3"],
+            "unknown reference spec key",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_message(argv, text, capsys):

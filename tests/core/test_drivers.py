@@ -17,14 +17,25 @@ from .helpers import pair
 def test_same_seed_same_tokens_under_every_driver(mode, fallback):
     target, draft = pair(vocab=20, seed=5)
     kw = dict(
-        prompts=[[1, 2, 3], [4], [5, 6]], mode=mode, max_new_tokens=25,
-        sampling=[SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
-                  SamplingParams(temperature=1.3, top_k=5, draft_temperature=1.0)],
-        config=SSDConfig(k=3, fanout=6, fallback=fallback, saguaro_c=0.5), seed=11,
+        prompts=[[1, 2, 3], [4], [5, 6]],
+        mode=mode,
+        max_new_tokens=25,
+        sampling=[
+            SamplingParams(temperature=1.0),
+            SamplingParams(temperature=0.7, top_p=0.9),
+            SamplingParams(temperature=1.3, top_k=5, draft_temperature=1.0),
+        ],
+        config=SSDConfig(k=3, fanout=6, fallback=fallback, saguaro_c=0.5),
+        seed=11,
     )
-    runs = {d: generate(target, draft, driver=d, **kw) for d in ("sequential", "threaded", "simulated")}
+    runs = {
+        d: generate(target, draft, driver=d, **kw) for d in ("sequential", "threaded", "simulated")
+    }
     assert runs["sequential"].tokens == runs["threaded"].tokens == runs["simulated"].tokens
-    assert runs["sequential"].tokens != generate(target, draft, driver="sequential", **{**kw, "seed": 12}).tokens
+    assert (
+        runs["sequential"].tokens
+        != generate(target, draft, driver="sequential", **{**kw, "seed": 12}).tokens
+    )
 
 
 def test_threaded_driver_overlaps_draft_and_target():
@@ -33,9 +44,16 @@ def test_threaded_driver_overlaps_draft_and_target():
     target = ReferenceModel.random(vocab_size=32, order=2, seed=1, peakedness=3.0, latency=lat_t)
     draft = ReferenceModel.perturbed(target, divergence=0.3, latency=lat_d)
     before = threading.active_count()
-    out = generate(target, draft, prompts=[[1, 2]], mode="ssd", max_new_tokens=30,
-                   sampling=SamplingParams(temperature=0.0), config=SSDConfig(k=3, fanout=4, fallback="fast"),
-                   driver="threaded")
+    out = generate(
+        target,
+        draft,
+        prompts=[[1, 2]],
+        mode="ssd",
+        max_new_tokens=30,
+        sampling=SamplingParams(temperature=0.0),
+        config=SSDConfig(k=3, fanout=4, fallback="fast"),
+        driver="threaded",
+    )
     m = out.metrics
     assert threading.active_count() == before  # workers joined
     # Both lanes were busy for most of the run at the same time: the wall clock is

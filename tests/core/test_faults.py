@@ -6,7 +6,14 @@ import threading
 
 import pytest
 
-from ssd_core import BackendContractError, GenerationError, SamplingParams, SSDConfig, generate, stream
+from ssd_core import (
+    BackendContractError,
+    GenerationError,
+    SamplingParams,
+    SSDConfig,
+    generate,
+    stream,
+)
 
 from .helpers import Faulty, pair
 
@@ -19,14 +26,30 @@ def test_backend_exception_keeps_tokens_and_releases_everything(driver, who):
     draft = Faulty(d, fail_at=9) if who == "draft" else d
     before = threading.active_count()
     with pytest.raises(GenerationError) as info:
-        generate(target, draft, prompts=[[1, 2], [3]], mode="ssd", max_new_tokens=50,
-                 config=SSDConfig(k=2, fanout=4, fallback="neural"), driver=driver, sampling=SamplingParams(temperature=1.0))
+        generate(
+            target,
+            draft,
+            prompts=[[1, 2], [3]],
+            mode="ssd",
+            max_new_tokens=50,
+            config=SSDConfig(k=2, fanout=4, fallback="neural"),
+            driver=driver,
+            sampling=SamplingParams(temperature=1.0),
+        )
     assert isinstance(info.value.__cause__, RuntimeError)
     partial = info.value.partial
     assert sum(len(x) for x in partial.tokens) > 0
     # The committed prefix is what an uninterrupted run with the same seed produces.
-    full = generate(t, d, prompts=[[1, 2], [3]], mode="ssd", max_new_tokens=50,
-                    config=SSDConfig(k=2, fanout=4, fallback="neural"), driver=driver, sampling=SamplingParams(temperature=1.0))
+    full = generate(
+        t,
+        d,
+        prompts=[[1, 2], [3]],
+        mode="ssd",
+        max_new_tokens=50,
+        config=SSDConfig(k=2, fanout=4, fallback="neural"),
+        driver=driver,
+        sampling=SamplingParams(temperature=1.0),
+    )
     for got, ref in zip(partial.tokens, full.tokens):
         assert ref[: len(got)] == got
     assert t.open_handles == 0 and d.open_handles == 0

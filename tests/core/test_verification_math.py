@@ -39,8 +39,12 @@ def position(draw):
         q = np.zeros((1, v))
         q[0, draw(st.integers(0, v - 1))] = 1.0
     else:
-        q = draft_weights(zd[None, :], [draw(st.sampled_from([0.0, 0.7, 1.0, 1.5]))],
-                          [draw(st.integers(0, v))], draw(st.sampled_from([1.0, 0.5, 0.05])))
+        q = draft_weights(
+            zd[None, :],
+            [draw(st.sampled_from([0.0, 0.7, 1.0, 1.5]))],
+            [draw(st.integers(0, v))],
+            draw(st.sampled_from([1.0, 0.5, 0.05])),
+        )
     return zt, params, q
 
 
