@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -47,13 +45,6 @@ def test_full_run_passes_on_reference() -> None:
     report.raise_for_failures()
     walk = next(r for r in report.rows if r.name == "stateful_walk")
     assert walk.measured.startswith("1500 ops")
-
-
-def test_quick_budget_on_reference() -> None:
-    """--quick must stay well under 2 minutes on 2 cores (it takes well under 1 s)."""
-    start = time.perf_counter()
-    conformance.check_backend("reference").raise_for_failures()
-    assert time.perf_counter() - start < 30
 
 
 @pytest.mark.parametrize("name", sorted(available_backends()))
