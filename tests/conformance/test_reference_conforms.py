@@ -7,7 +7,7 @@ import pytest
 
 import conformance
 from backends.reference import ReferenceModel
-from ssd_core import available_backends
+from ssd_core import available_backends, load_backend
 
 from .broken import Wrapper, reference
 
@@ -47,13 +47,46 @@ def test_full_run_passes_on_reference() -> None:
     assert walk.measured.startswith("1500 ops")
 
 
-@pytest.mark.parametrize("name", sorted(available_backends()))
-def test_every_registered_backend_passes_or_skips_with_reason(name: str) -> None:
+#: In-house backends whose default model is itself tiny (pure numpy).
+TINY_DEFAULTS = {"reference", "ngram"}
+
+
+def _run_backend(name: str) -> None:
     report = conformance.check_backend(name)
     report.raise_for_failures()
     if not report.passed:
         assert report.status is conformance.Status.SKIPPED
         assert report.rows[0].message, "a skip must say why"
+        pytest.skip(f"{name}: {report.rows[0].message}")
+
+
+@pytest.mark.parametrize("name", sorted(available_backends()))
+def test_every_registered_backend_passes_on_its_conformance_model(name: str) -> None:
+    """Fast tier: each backend on its tiny ``conformance_target`` (or tiny default)."""
+    try:
+        spec = load_backend(name)
+    except ImportError as exc:
+        pytest.skip(f"{name}: engine not installed: {exc}")
+    if getattr(spec, "conformance_target", None) is None and name not in TINY_DEFAULTS:
+        pytest.skip(f"{name}: no conformance_target; its default model runs in the slow tier")
+    _run_backend(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(available_backends()))
+def test_every_registered_backend_passes_on_its_default_model(name: str) -> None:
+    """Slow tier: each backend on its default (possibly real) model, ``--quick``."""
+    try:
+        spec = load_backend(name)
+    except ImportError as exc:
+        pytest.skip(f"{name}: engine not installed: {exc}")
+    if getattr(spec, "conformance_target", None) is None and name in TINY_DEFAULTS:
+        pytest.skip(f"{name}: already checked in the fast tier")
+    report = conformance.check_backend(
+        name, args=(spec.default_target or spec.default_draft or "").partition(":")[2] or None
+    )
+    report.raise_for_failures()
+    if not report.passed:
         pytest.skip(f"{name}: {report.rows[0].message}")
 
 
