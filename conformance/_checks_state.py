@@ -18,6 +18,7 @@ __all__ = [
     "check_determinism",
     "check_extend_vs_prefill",
     "check_fork_independence",
+    "check_fork_tree",
     "check_handle_errors",
     "check_many_handles",
     "check_truncate",
@@ -201,6 +202,49 @@ def check_fork_independence(p: Probe, s: Settings) -> str:
     )
     p.expect_rows(twin, w, twin_now, "sibling extended after the other child was closed")
     return _figure(p)
+
+
+def check_fork_tree(p: Probe, s: Settings) -> str:
+    """The tree-decoding pattern: many forks of one handle, stepped together one token each.
+
+    This is how the speculative core drives a draft: fork the committed sequence at
+    several lengths (one branch per predicted verification outcome), then extend every
+    branch by one token per step in a single batch.
+    """
+    room = p.model.context_size
+    base = p.tokens(max(2, seq_len(p, s) - 4))
+    depth = 3 if s.quick else 5
+    if room is not None:
+        depth = max(1, min(depth, int(room) - len(base) - 2))
+    width = max(1, min(s.n_handles - 2, 8 if s.quick else 16))
+    parent = p.open(base, f"open({len(base)} tokens) as the committed sequence")
+    lengths = [max(0, len(base) - (i % 3)) for i in range(width)]
+    branches = [
+        p.fork(parent, n, f"fork(parent, {n}) as branch {i}") for i, n in enumerate(lengths)
+    ]
+    held = [base[:n] for n in lengths]
+    for step in range(depth):
+        toks = [p.tokens(1) for _ in branches]
+        what = f"tree step {step}: {width} branches x 1 token in one extend"
+        out = p.extend(list(zip(branches, toks, strict=True)), what)
+        for i in range(width):
+            p.compare(
+                out[i],
+                p.fresh_rows(held[i], toks[i]),
+                f"{what}, branch {i} (forked at {lengths[i]})",
+                context_len=len(held[i]),
+                tolerance=max(p.tolerance, p.batch_tolerance),
+            )
+            held[i] = held[i] + toks[i]
+    for i, b in enumerate(branches):
+        p.close(b, f"close(branch {i})")
+    p.expect_rows(
+        parent,
+        p.tokens(2),
+        base,
+        "parent extended after its tree of forks was stepped and closed",
+    )
+    return f"{width}x{depth} tree, max|diff| {p.max_diff:.3g}"
 
 
 def check_truncate(p: Probe, s: Settings) -> str:
