@@ -148,14 +148,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep:
             ap.error(f"--option {item!r} is not KEY=VALUE")
         options[key.strip()] = _value(value.strip())
+    names = list(
+        dict.fromkeys(
+            n for b in ns.backend for n in (sorted(available_backends()) if b == "all" else [b])
+        )
+    )
+    if ns.args is not None and len(names) != 1:
+        ap.error("--args names one backend's model; give exactly one --backend with it")
     reports: list[Report] = []
     try:
         if ns.factory:
             reports.append(check_model(_load_factory(ns.factory), **kwargs))
-        names = [
-            n for b in ns.backend for n in (sorted(available_backends()) if b == "all" else [b])
-        ]
-        for name in dict.fromkeys(names):
+        for name in names:
             reports.append(check_backend(name, args=ns.args, options=options, **kwargs))
     except UnknownOptionError as exc:
         print(f"error: {exc}", file=sys.stderr)

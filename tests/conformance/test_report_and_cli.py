@@ -194,3 +194,9 @@ def test_large_context_capacity_is_skipped_in_quick_and_run_in_full() -> None:
     assert quick.rows[0].status is Status.SKIPPED
     assert "run --full" in quick.rows[0].message
     assert conformance.check_model(make, only=["context_capacity"], quick=False).passed
+
+
+def test_cli_args_need_exactly_one_backend() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--backend", "all", "--args", "vocab=8"])
+    assert info.value.code == 2
