@@ -347,8 +347,10 @@ def check_many_handles(p: Probe, s: Settings) -> str:
     prompts = [p.tokens(int(p.rng.integers(0, length + 1))) for _ in range(n)]
     news = [p.tokens(int(p.rng.integers(1, 3))) for _ in range(n)]
     mores = [p.tokens(1) for _ in range(n)]
-    want = [p.fresh_block(pr, nw) for pr, nw in zip(prompts, news, strict=True)]
-    want_more = [p.fresh_rows(pr + nw, mo) for pr, nw, mo in zip(prompts, news, mores, strict=True)]
+    # one fresh prefill per handle gives the rows of both of its extends
+    both = [p.fresh_block(pr, nw + mo) for pr, nw, mo in zip(prompts, news, mores, strict=True)]
+    want = [rows[: len(nw)] for rows, nw in zip(both, news, strict=True)]
+    want_more = [rows[len(nw) :] for rows, nw in zip(both, news, strict=True)]
     handles = []
     for i, pr in enumerate(prompts):
         try:

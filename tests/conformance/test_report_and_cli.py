@@ -198,5 +198,5 @@ def test_large_context_capacity_is_skipped_in_quick_and_run_in_full() -> None:
 
 def test_cli_args_need_exactly_one_backend() -> None:
     with pytest.raises(SystemExit) as info:
-        main(["--backend", "all", "--args", "vocab=8"])
+        main(["--backend", "reference", "--backend", "other", "--args", "vocab=8"])
     assert info.value.code == 2
