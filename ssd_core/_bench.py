@@ -204,6 +204,6 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     finally:
         for m in (target, draft):
-            close = getattr(m, "shutdown", None)
+            close = getattr(m, "free", None)
             if callable(close):
                 close()

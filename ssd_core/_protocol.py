@@ -78,7 +78,9 @@ class Model(Protocol):
 
     May:
 
-    * compute lazily, share prefixes copy-on-write, pad batches, reuse freed slots.
+    * compute lazily, share prefixes copy-on-write, pad batches, reuse freed slots;
+    * offer ``free()`` to release the whole model (engine context, weights) at once;
+      the ``ssd`` command calls it when it is done with a model.
 
     Raises:
 

@@ -31,6 +31,8 @@ GROUP = "ssd.backends"
 #: Entry points with the same name take precedence.
 IN_HOUSE = {
     "reference": "backends.reference:BACKEND",
+    "llama_cpp": "backends.llama_cpp:BACKEND",
+    "ngram": "backends.ngram:BACKEND",
 }
 
 

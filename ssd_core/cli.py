@@ -194,7 +194,7 @@ def encode_prompt(target: Model, text: str | None, *, chat: bool) -> list[int]:
 
 def _close_models(*models: Model | None) -> None:
     for m in models:
-        close = getattr(m, "shutdown", None)
+        close = getattr(m, "free", None)
         if callable(close):
             close()
 
