@@ -7,6 +7,7 @@ from typing import Any
 
 from ssd_core import Model, load_backend
 
+from ._probe import free_model
 from ._report import CheckResult, Report, Status
 from ._runner import check_model
 
@@ -71,7 +72,7 @@ def check_backend(
         return spec.load(args, opts)
 
     try:
-        make_model()  # an engine imported lazily inside load() shows up here
+        free_model(make_model())  # an engine imported lazily inside load() shows up here
     except ImportError as exc:
         return skipped_report(subject, f"engine not installed: {exc}")
     except Exception as exc:  # the model cannot even be built: one clear failed row

@@ -18,7 +18,7 @@ from ssd_core import Handle, Model
 
 from ._arrays import DtypeInfo, dtype_info, max_abs_diff, to_numpy
 
-__all__ = ["Fault", "Probe", "Skip"]
+__all__ = ["Fault", "Probe", "Skip", "free_model"]
 
 Context = tuple[int, ...]
 
@@ -327,3 +327,22 @@ def _shift_hints(got: np.ndarray, want: np.ndarray, tol: float) -> list[str]:
             "the wrong position)"
         )
     return hints
+
+
+def free_model(model: object) -> str | None:
+    """Call the model's optional ``free()`` (release engine context and weights at once).
+
+    The suite builds many models (one per check); freeing each when its check ends
+    keeps an engine's memory flat instead of waiting for the garbage collector.
+
+    Returns:
+        ``None``, or a line saying what ``free()`` raised (reported as a failure).
+    """
+    free = getattr(model, "free", None)
+    if not callable(free):
+        return None
+    try:
+        free()
+    except Exception as exc:  # reported as a failure of the check, not swallowed
+        return f"free() raised {type(exc).__name__}: {exc}"
+    return None

@@ -33,7 +33,7 @@ from ._checks_state import (
     check_many_handles,
     check_truncate,
 )
-from ._probe import Fault, Probe, Skip
+from ._probe import Fault, Probe, Skip, free_model
 from ._report import CheckResult, ConformanceError, Report, Status
 from ._settings import Settings, default_tolerance
 from ._walk import run_walk
@@ -94,6 +94,7 @@ def _survey(make_model: ModelFactory) -> tuple[str | None, float]:
         handle = model.open([])
         out = model.extend([(handle, [0])])
         model.close(handle)
+        free_model(model)  # a failing free() is reported by every check
     except Exception as exc:  # reported by the checks themselves, with context
         log.debug("could not probe the logits dtype (%s); assuming float32", exc)
         return name, default_tolerance(32)
@@ -111,6 +112,7 @@ def _run_check(
     start = time.perf_counter()
     status, measured, message = Status.PASSED, "", ""
     probe: Probe | None = None
+    model: Model | None = None
     where = "make_model()"
     try:
         model = make_model()
@@ -125,12 +127,14 @@ def _run_check(
     except Exception as exc:
         where = probe.step if probe is not None else where
         status, message = Status.FAILED, f"{where}: raised {type(exc).__name__}: {exc}"
-    if probe is not None:
-        problems = probe.cleanup()
-        if problems and status is Status.PASSED:
-            status, message = Status.FAILED, "; ".join(problems)
-        if status is Status.FAILED and probe.max_diff > 0:
-            measured = f"max|diff| {probe.max_diff:.3g}"
+    problems = probe.cleanup() if probe is not None else []
+    if model is not None:
+        problems.append(free_model(model) or "")
+    problems = [line for line in problems if line]
+    if problems and status is Status.PASSED:
+        status, message = Status.FAILED, "; ".join(problems)
+    if probe is not None and status is Status.FAILED and probe.max_diff > 0:
+        measured = f"max|diff| {probe.max_diff:.3g}"
     seconds = time.perf_counter() - start
     log.debug("%s: %s in %.2fs %s", name, status.value, seconds, message)
     return CheckResult(

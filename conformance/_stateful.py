@@ -21,7 +21,7 @@ import numpy as np
 
 from ssd_core import HandleError, Model
 
-from ._probe import Probe
+from ._probe import Probe, free_model
 from ._runner import _auto_tolerance
 
 __all__ = ["model_state_machine"]
@@ -147,6 +147,7 @@ def model_state_machine(
 
         def teardown(self) -> None:
             problems = self.p.cleanup()
+            problems += [line for line in [free_model(self.p.model)] if line]
             if problems:
                 raise AssertionError("; ".join(problems))
 

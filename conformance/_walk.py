@@ -22,7 +22,7 @@ import numpy as np
 
 from ssd_core import HandleError, Model
 
-from ._probe import Fault, Probe
+from ._probe import Fault, Probe, free_model
 from ._settings import Settings
 
 __all__ = ["Op", "plan_walk", "run_walk"]
@@ -202,6 +202,7 @@ def _fails(
         return f"{p.step}: raised {type(exc).__name__}: {exc}", log
     finally:
         p.cleanup()
+        free_model(model)
     return None
 
 
@@ -256,8 +257,9 @@ def run_walk(make_model: Callable[[], Model], p: Probe, s: Settings) -> str:
                 f"{len(final_log)} operations{more}:\n{listing}\n    -> {final}"
             ) from exc
         finally:
-            if probe is not p:
+            if probe is not p:  # the first walk's model belongs to the runner
                 probe.cleanup()
+                free_model(probe.model)
         p.max_diff = max(p.max_diff, probe.max_diff)
     return f"{total} ops, max|diff| {p.max_diff:.3g}"
 

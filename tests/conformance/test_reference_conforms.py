@@ -128,3 +128,30 @@ def test_torch_integer_logits_fail() -> None:
     report = conformance.check_model(cls, only=["shapes_dtypes"])
     assert report.failed
     assert "real floating dtype" in report.rows[0].message
+
+
+def test_models_offering_free_are_freed_once_each() -> None:
+    made: list[Wrapper] = []
+    freed: list[Wrapper] = []
+
+    class Freeable(Wrapper):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+        def free(self) -> None:
+            freed.append(self)
+
+    conformance.assert_conforms(Freeable)
+    assert len(made) > 10
+    assert sorted(map(id, freed)) == sorted(map(id, made))
+
+
+def test_a_free_that_raises_fails_the_check() -> None:
+    class BadFree(Wrapper):
+        def free(self) -> None:
+            raise RuntimeError("double free")
+
+    report = conformance.check_model(BadFree, only=["attributes"])
+    assert report.failed
+    assert "free() raised RuntimeError: double free" in report.rows[0].message
