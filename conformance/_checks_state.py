@@ -342,7 +342,8 @@ def check_many_handles(p: Probe, s: Settings) -> str:
     The expected logits are computed first, so the check never needs more than
     ``n_handles`` handles at a time.
     """
-    n = s.n_handles
+    declared = getattr(p.model, "max_handles", None)
+    n = min(s.n_handles, declared) if isinstance(declared, int) and declared > 0 else s.n_handles
     length = min(seq_len(p, s), 6)
     prompts = [p.tokens(int(p.rng.integers(0, length + 1))) for _ in range(n)]
     news = [p.tokens(int(p.rng.integers(1, 3))) for _ in range(n)]
@@ -380,4 +381,4 @@ def check_many_handles(p: Probe, s: Settings) -> str:
             f"handle {i} extended alone, all {n} handles open",
             context_len=len(prompts[i]) + len(news[i]),
         )
-    return f"{n} handles"
+    return f"{n} handles" + (" (the backend's max_handles)" if n < s.n_handles else "")
