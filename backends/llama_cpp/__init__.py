@@ -58,6 +58,7 @@ BACKEND = BackendSpec(
     default_target="llama_cpp:smollm2",
     default_draft="ngram:max_n=3,alpha=1e-8",
     description="GGUF models on llama.cpp (CPU; GPU when llama-cpp-python is built for it)",
+    conformance_target="llama_cpp:tiny",
 )
 
 

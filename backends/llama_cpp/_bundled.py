@@ -44,6 +44,22 @@ def smollm2_path() -> Path:
     )
 
 
+def tiny_path() -> Path:
+    """A tiny random-weight llama GGUF (the conformance suite's fast-tier model), written
+    once per machine into the temporary folder; the weights are fixed by its arguments."""
+    import os
+    import tempfile
+
+    from .testing import write_tiny_llama_gguf
+
+    path = Path(tempfile.gettempdir()) / "ssd-conformance-tiny-llama-v1.gguf"
+    if not path.is_file():
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        write_tiny_llama_gguf(partial, seed=0)
+        partial.replace(path)
+    return path
+
+
 def resolve_model_path(spec: str) -> Path:
     """Turn a model spec (a GGUF path, ``smollm2`` or empty) into an existing path.
 
@@ -59,6 +75,8 @@ def resolve_model_path(spec: str) -> Path:
     spec = spec.strip()
     if spec in ("", *_ALIASES):
         return smollm2_path()
+    if spec == "tiny":
+        return tiny_path()
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ConfigError(f"GGUF file {spec!r} does not exist")

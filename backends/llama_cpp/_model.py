@@ -110,6 +110,8 @@ class LlamaCppModel:
         self._finalizer = weakref.finalize(self, _free_native, model, ctx, batch)
         self._mem = llama_cpp.llama_get_memory(ctx)
         n_seq = int(llama_cpp.llama_n_seq_max(ctx))
+        #: Protocol capability: the most handles open at once (one llama.cpp sequence each).
+        self.max_handles = n_seq
         self._free_seqs = list(range(n_seq - 1, -1, -1))  # pop() hands out the lowest id
         self._seq: dict[int, int] = {}
         vocab = llama_cpp.llama_model_get_vocab(model)
