@@ -8,8 +8,12 @@ occurred before with a follower; if none did, from the unigram counts; if the hi
 is empty, uniform. Add-``alpha`` smoothing over the whole vocabulary keeps every token
 possible, so ``p(t) = (count(t) + alpha) / (total + alpha * V)``, returned as log-probs.
 
-The index is updated incrementally on extend (``O(max_n)`` per token), decremented on
-truncate, and copied on fork, so the result is a pure function of the token list.
+Handles made by ``open`` keep an index updated incrementally on extend (``O(max_n)``
+per token) and decremented on truncate. Handles made by ``fork`` (SSD's tree branches:
+many, short-lived) keep no index: copying one costs ~3 ms at 1000 tokens, so they find
+their suffix matches with a vectorised scan of the history instead (``O(len)`` numpy
+per row, no set-up). Both give the same counts, hence bit-identical rows; the result
+is a pure function of the token list.
 """
 
 from __future__ import annotations
@@ -37,13 +41,6 @@ class _Index:
         self.max_n = max_n
         self.followers: dict[tuple[int, ...], _Counts] = {}
         self.unigram = np.zeros(vocab_size, dtype=np.int64)
-
-    def copy(self) -> _Index:
-        out = _Index.__new__(_Index)
-        out.max_n = self.max_n
-        out.followers = {k: dict(v) for k, v in self.followers.items()}
-        out.unigram = self.unigram.copy()
-        return out
 
     def add(self, tokens: Sequence[int], i: int) -> None:
         """Count ``tokens[i]`` as the follower of each suffix ending at ``i - 1``."""
@@ -74,6 +71,23 @@ class _Index:
             if counts:
                 return n, counts
         return 0, None
+
+
+def _scan(tokens: Sequence[int], max_n: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """The longest suffix of ``tokens`` (``max_n`` down to 1 tokens) that occurred before
+    with a follower, found by scanning: (its length, follower ids, follower counts)."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    length = len(arr)
+    for n in range(min(max_n, length - 1), 0, -1):
+        windows = length - n  # windows arr[s:s+n] for s < length - n have a follower
+        mask = arr[0:windows] == arr[length - n]
+        for i in range(1, n):
+            mask &= arr[i : i + windows] == arr[length - n + i]
+        followers = arr[n:length][mask]
+        if followers.size:
+            ids, counts = np.unique(followers, return_counts=True)
+            return n, ids, counts
+    return None
 
 
 class NgramModel:
@@ -122,7 +136,7 @@ class NgramModel:
         self.context_size = context_size
         self.name = name or f"ngram(max_n={max_n},alpha={alpha:g})"
         self._table = HandleTable(owner=self.name, vocab_size=vocab_size, context_size=context_size)
-        self._index: dict[Handle, _Index] = {}
+        self._index: dict[Handle, _Index | None] = {}  # None: a fork, scanned
         self._log_alpha = math.log(self.alpha)
 
     # -- the Model protocol ---------------------------------------------------------
@@ -158,28 +172,22 @@ class NgramModel:
             index = self._index[handle]
             for t in new:
                 toks.append(t)
-                index.add(toks, len(toks) - 1)
-                self._fill(out[row], toks, index)
+                if index is None:
+                    self._fill_scanned(out[row], toks)
+                else:
+                    index.add(toks, len(toks) - 1)
+                    self._fill(out[row], toks, index)
                 row += 1
         return out
 
     def fork(self, handle: Handle, length: int) -> Handle:
-        """A new handle with the first ``length`` tokens of ``handle`` (index copied).
+        """A new handle with the first ``length`` tokens of ``handle`` (no index: scanned).
 
         Raises:
             HandleError: unknown handle or ``length`` out of range.
         """
         child = self._table.fork(handle, length)
-        parent_toks = self._table.tokens(handle)
-        if 2 * length < len(parent_toks):  # cheaper to rebuild a short prefix
-            index = _Index(self.max_n, self.vocab_size)
-            for i in range(length):
-                index.add(parent_toks, i)
-        else:
-            index = self._index[handle].copy()
-            for i in range(len(parent_toks) - 1, length - 1, -1):
-                index.remove(parent_toks, i)
-        self._index[child] = index
+        self._index[child] = None
         return child
 
     def truncate(self, handle: Handle, length: int) -> None:
@@ -190,8 +198,9 @@ class NgramModel:
         """
         toks = self._table.check_length(handle, length)
         index = self._index[handle]
-        for i in range(len(toks) - 1, length - 1, -1):
-            index.remove(toks, i)
+        if index is not None:
+            for i in range(len(toks) - 1, length - 1, -1):
+                index.remove(toks, i)
         self._table.truncate(handle, length)
 
     def close(self, handle: Handle) -> None:
@@ -219,6 +228,19 @@ class NgramModel:
             np.log(uni + self.alpha, out=out)
         out -= math.log(total + self.alpha * self.vocab_size)
 
+    def _fill_scanned(self, out: np.ndarray, toks: Sequence[int]) -> None:
+        found = _scan(toks, self.max_n)
+        if found is not None:
+            _, ids, cnt = found
+            total = float(cnt.sum())
+            out.fill(self._log_alpha)
+            out[ids] = np.log(cnt.astype(np.float64) + self.alpha)
+        else:
+            uni = np.bincount(np.asarray(toks, dtype=np.int64), minlength=self.vocab_size)
+            total = float(len(toks))
+            np.log(uni + self.alpha, out=out)
+        out -= math.log(total + self.alpha * self.vocab_size)
+
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """The log-probabilities after ``tokens`` (a fresh computation, for tests).
 
@@ -238,11 +260,12 @@ class NgramModel:
 
     def match_length(self, handle: Handle) -> int:
         """How many tokens of ``handle``'s suffix the last row was conditioned on (0: unigram)."""
-        return (
-            self._index[handle].lookup(self._table.tokens(handle))[0]
-            if handle in self._index
-            else 0
-        )
+        toks = self._table.tokens(handle)
+        index = self._index[handle]
+        if index is not None:
+            return index.lookup(toks)[0]
+        found = _scan(toks, self.max_n)
+        return 0 if found is None else found[0]
 
     # -- introspection --------------------------------------------------------------
 

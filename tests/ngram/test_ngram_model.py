@@ -126,3 +126,17 @@ def test_backend_spec() -> None:
         spec.load("bogus=1", {"vocab_size": 10})
     with pytest.raises(ConfigError):
         spec.load("vocab_size=5", {"vocab_size": 10})
+
+
+def test_forked_handles_scan_and_match_the_indexed_path() -> None:
+    rng = np.random.default_rng(0)
+    toks = [int(t) for t in rng.integers(0, 7, size=200)]
+    m = NgramModel(vocab_size=7, max_n=3, alpha=1e-3)
+    a = m.open(toks[:100])
+    b = m.fork(a, 100)  # scanned
+    rows_a = m.extend([(a, toks[100:])])
+    rows_b = m.extend([(b, toks[100:])])
+    np.testing.assert_array_equal(rows_a, rows_b)
+    assert m.match_length(a) == m.match_length(b) > 0
+    m.truncate(b, 50)
+    np.testing.assert_array_equal(m.extend([(b, [3])])[0], m.logits(toks[:50] + [3]))
