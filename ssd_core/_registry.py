@@ -31,6 +31,7 @@ GROUP = "ssd.backends"
 #: Entry points with the same name take precedence.
 IN_HOUSE = {
     "reference": "backends.reference:BACKEND",
+    "onnxruntime": "backends.onnxruntime:BACKEND",
 }
 
 
