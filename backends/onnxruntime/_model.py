@@ -309,7 +309,8 @@ class OrtModel:
         return self._cached(handle)
 
     @property
-    def live_handles(self) -> int:
+    def open_handles(self) -> int:
+        """How many handles are open."""
         return len(self._table)
 
     def __repr__(self) -> str:
