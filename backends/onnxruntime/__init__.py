@@ -20,7 +20,14 @@ from typing import Any
 
 from ssd_core import BackendSpec, ConfigError
 
-from ._export import MAX_IR_VERSION, OPSET, build_tiny_llama, export_module, export_tiny_llama
+from ._export import (
+    MAX_IR_VERSION,
+    OPSET,
+    build_tiny_llama,
+    export_module,
+    export_test_pair,
+    export_tiny_llama,
+)
 from ._model import BATCHING, OrtModel
 from ._providers import CPU, CUDA, ProviderChoice, create_session
 from ._signature import GraphSignature, read_signature
@@ -38,6 +45,7 @@ __all__ = [
     "build_tiny_llama",
     "create_session",
     "export_module",
+    "export_test_pair",
     "export_tiny_llama",
     "parse_spec",
     "read_signature",

@@ -24,7 +24,14 @@ from ssd_core import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["MAX_IR_VERSION", "OPSET", "build_tiny_llama", "export_module", "export_tiny_llama"]
+__all__ = [
+    "MAX_IR_VERSION",
+    "OPSET",
+    "build_tiny_llama",
+    "export_module",
+    "export_test_pair",
+    "export_tiny_llama",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -286,3 +293,28 @@ def export_tiny_llama(path: str | os.PathLike[str], *, name: str = "tiny-llama",
         ConfigError: inconsistent sizes.
     """
     return export_module(build_tiny_llama(**kwargs), path, name=name)
+
+
+def export_test_pair(directory: str | os.PathLike[str], *, vocab_size: int = 96, context_size: int = 128) -> tuple[str, str]:
+    """Export the small target/draft pair the tests and the conformance suite use.
+
+    The target has 2 layers (width 32), the draft 1 layer (width 16), same vocabulary.
+
+    Args:
+        directory: an existing folder to write ``target.onnx`` and ``draft.onnx`` into.
+        vocab_size: shared vocabulary size.
+        context_size: recorded context size of both graphs.
+
+    Returns:
+        ``(target_path, draft_path)``.
+    """
+    common = dict(vocab_size=vocab_size, context_size=context_size, scale=0.3)
+    target = export_tiny_llama(
+        os.path.join(directory, "target.onnx"), name="target", num_layers=2, hidden_size=32,
+        num_heads=4, num_kv_heads=2, seed=1, **common,
+    )
+    draft = export_tiny_llama(
+        os.path.join(directory, "draft.onnx"), name="draft", num_layers=1, hidden_size=16,
+        intermediate_size=32, num_heads=2, num_kv_heads=1, seed=2, **common,
+    )
+    return target, draft

@@ -5,7 +5,13 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from backends.onnxruntime import MAX_IR_VERSION, build_tiny_llama, export_tiny_llama, parse_spec
+from backends.onnxruntime import (
+    MAX_IR_VERSION,
+    build_tiny_llama,
+    export_test_pair,
+    export_tiny_llama,
+    parse_spec,
+)
 from ssd_core import ConfigError
 
 
@@ -48,3 +54,9 @@ def test_parse_spec():
     for bad in ("", "threads=2", "path=m.onnx,colour=red", "path=m.onnx,threads=x", "a.onnx,b.onnx"):
         with pytest.raises(ConfigError):
             parse_spec(bad)
+
+
+def test_export_test_pair(tmp_path, oh):
+    t, d = (oh.load(p) for p in export_test_pair(tmp_path, vocab_size=20))
+    assert t.vocab_size == d.vocab_size == 20
+    assert (t.signature.num_layers, d.signature.num_layers) == (2, 1)
