@@ -27,10 +27,31 @@ from backends.onnxruntime import OrtModel, export_tiny_llama
 from ssd_core import SamplingParams, SSDConfig, generate
 
 SIZES = {
-    "tiny": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2),
-    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4),
+    "tiny": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    ),
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+    ),
 }
-DRAFT = dict(vocab_size=8192, hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1)
+DRAFT = dict(
+    vocab_size=8192,
+    hidden_size=64,
+    intermediate_size=192,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+)
 
 
 def _time(fn, repeat: int) -> float:
@@ -57,11 +78,13 @@ def bench_calls(model: OrtModel, repeat: int, context: int = 64) -> dict[str, fl
     out["1x1"] = _time(lambda: one(1), repeat)
     out["1x5"] = _time(lambda: one(5), repeat)
     for n in (8, 24):
+
         def tree(n: int = n) -> None:
             hs = [model.fork(base, context + 1 - (i % 3)) for i in range(n)]  # ragged lengths
             model.extend([(h, [3]) for h in hs])
             for h in hs:
                 model.close(h)
+
         out[f"{n}x1"] = _time(tree, max(repeat // 5, 3))
     model.close(base)
     return out
@@ -71,7 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--providers", default=None, help="+-separated provider names (default: auto)")
+    parser.add_argument(
+        "--providers", default=None, help="+-separated provider names (default: auto)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -80,26 +105,52 @@ def main() -> None:
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size, kw in SIZES.items():
-            path = export_tiny_llama(Path(tmp) / f"{size}.onnx", name=size, context_size=512, seed=1, **kw)
+            path = export_tiny_llama(
+                Path(tmp) / f"{size}.onnx", name=size, context_size=512, seed=1, **kw
+            )
             for batching in ("sequential", "padded"):
-                m = OrtModel.from_file(path, providers=providers, threads=args.threads, batching=batching)
+                m = OrtModel.from_file(
+                    path, providers=providers, threads=args.threads, batching=batching
+                )
                 r = bench_calls(m, args.repeat)
                 results[f"{size}/{batching}"] = r
-                print(f"{size:5s} {batching:10s} {m.provider:22s} "
-                      + "  ".join(f"{k}={v:7.2f}ms" for k, v in r.items()), flush=True)
-        tpath = export_tiny_llama(Path(tmp) / "t.onnx", name="target", context_size=512, seed=1, **SIZES["small"])
-        dpath = export_tiny_llama(Path(tmp) / "d.onnx", name="draft", context_size=512, seed=2, **DRAFT)
+                print(
+                    f"{size:5s} {batching:10s} {m.provider:22s} "
+                    + "  ".join(f"{k}={v:7.2f}ms" for k, v in r.items()),
+                    flush=True,
+                )
+        tpath = export_tiny_llama(
+            Path(tmp) / "t.onnx", name="target", context_size=512, seed=1, **SIZES["small"]
+        )
+        dpath = export_tiny_llama(
+            Path(tmp) / "d.onnx", name="draft", context_size=512, seed=2, **DRAFT
+        )
         target = OrtModel.from_file(tpath, providers=providers, threads=args.threads)
         draft = OrtModel.from_file(dpath, providers=providers, threads=args.threads)
         prompts = [[1, 2, 3, 4, 5, 6, 7, 8]]
         same = OrtModel.from_file(tpath, providers=providers, threads=args.threads)
-        for mode, d in (("ar", draft), ("sd", draft), ("ssd", draft), ("sd-self", same), ("ssd-self", same)):
+        for mode, d in (
+            ("ar", draft),
+            ("sd", draft),
+            ("ssd", draft),
+            ("sd-self", same),
+            ("ssd-self", same),
+        ):
             t0 = time.perf_counter()
-            res = generate(target, d, prompts=prompts, mode=mode.split("-")[0], max_new_tokens=args.new_tokens,
-                           sampling=SamplingParams(temperature=0.0), config=SSDConfig(k=4))
+            res = generate(
+                target,
+                d,
+                prompts=prompts,
+                mode=mode.split("-")[0],
+                max_new_tokens=args.new_tokens,
+                sampling=SamplingParams(temperature=0.0),
+                config=SSDConfig(k=4),
+            )
             dt = time.perf_counter() - t0
             results[f"generate/{mode}"] = {"seconds": dt, "tok_per_s": args.new_tokens / dt}
-            print(f"generate {mode:8s}: {args.new_tokens / dt:7.1f} tok/s  ({res.metrics.summary() if hasattr(res.metrics, 'summary') else ''})")
+            print(
+                f"generate {mode:8s}: {args.new_tokens / dt:7.1f} tok/s  ({res.metrics.summary() if hasattr(res.metrics, 'summary') else ''})"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -25,9 +25,19 @@ import numpy as np
 from backends.onnxruntime import CPU, CUDA, OrtModel, export_tiny_llama
 from ssd_core import SamplingParams, SSDConfig, generate
 
-TARGET = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
-              num_kv_heads=4, context_size=1024, seed=1)
-DRAFT = dict(TARGET, hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1, seed=2)
+TARGET = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=768,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    context_size=1024,
+    seed=1,
+)
+DRAFT = dict(
+    TARGET, hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1, seed=2
+)
 
 
 def fresh(model: OrtModel, tokens: list[int]) -> np.ndarray:
@@ -43,8 +53,10 @@ def main() -> int:
         tpath = export_tiny_llama(Path(tmp) / "t.onnx", name="target", **TARGET)
         dpath = export_tiny_llama(Path(tmp) / "d.onnx", name="draft", **DRAFT)
         gpu = OrtModel.from_file(tpath)
-        print(f"provider={gpu.provider} io_binding={gpu.io_binding} batching={gpu.batching} "
-              f"fell_back={gpu.providers.fell_back}")
+        print(
+            f"provider={gpu.provider} io_binding={gpu.io_binding} batching={gpu.batching} "
+            f"fell_back={gpu.providers.fell_back}"
+        )
         if gpu.provider != CUDA and "--cpu-dry-run" not in sys.argv:
             print("CUDA provider did not load; nothing to check on the GPU")
             return 2
@@ -54,7 +66,9 @@ def main() -> int:
         g, c = fresh(gpu, toks), fresh(cpu, toks)
         diff = float(np.abs(g - c).max())
         agree = float((g.argmax(-1) == c.argmax(-1)).mean())
-        print(f"CUDA vs CPU over {len(toks)} positions: max|diff|={diff:.2e} top-1 agreement={agree:.3f}")
+        print(
+            f"CUDA vs CPU over {len(toks)} positions: max|diff|={diff:.2e} top-1 agreement={agree:.3f}"
+        )
         if diff > 1e-2 or agree < 0.99:
             failures.append("CUDA logits differ from CPU logits")
         # contract on CUDA
@@ -79,8 +93,15 @@ def main() -> int:
         ar = None
         for mode in ("ar", "sd", "ssd"):
             t0 = time.perf_counter()
-            out = generate(gpu, draft, prompts=prompts, mode=mode, max_new_tokens=64, sampling=greedy,
-                           config=SSDConfig(k=4))
+            out = generate(
+                gpu,
+                draft,
+                prompts=prompts,
+                mode=mode,
+                max_new_tokens=64,
+                sampling=greedy,
+                config=SSDConfig(k=4),
+            )
             dt = time.perf_counter() - t0
             print(f"{mode}: {128 / dt:.1f} tok/s  {out.metrics.summary()}")
             ar = ar or out.tokens

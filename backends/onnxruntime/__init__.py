@@ -51,8 +51,14 @@ __all__ = [
     "read_signature",
 ]
 
-_INT_KEYS = {"threads": "threads", "context": "context_size", "context_size": "context_size",
-             "vocab": "vocab_size", "vocab_size": "vocab_size", "max_handles": "max_handles"}
+_INT_KEYS = {
+    "threads": "threads",
+    "context": "context_size",
+    "context_size": "context_size",
+    "vocab": "vocab_size",
+    "vocab_size": "vocab_size",
+    "max_handles": "max_handles",
+}
 
 
 def parse_spec(args: str) -> dict[str, Any]:

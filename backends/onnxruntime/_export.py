@@ -164,7 +164,9 @@ def build_tiny_llama(
             self.layers = nn.ModuleList(Layer() for _ in range(num_layers))
             self.norm = RMSNorm(hidden_size)
             self.head = nn.Linear(hidden_size, vocab_size, bias=False)
-            inv = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            inv = 1.0 / (
+                rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+            )
             self.register_buffer("inv_freq", inv, persistent=False)
 
         def forward(
@@ -186,7 +188,9 @@ def build_tiny_llama(
             k_slot = torch.arange(total, device=x.device)[None, :]
             allowed = (k_slot <= q_slot)[None] & (attention_mask[:, None, :] > 0)
             neg = torch.finfo(x.dtype).min
-            bias = torch.where(allowed, torch.zeros((), dtype=x.dtype), torch.full((), neg, dtype=x.dtype))
+            bias = torch.where(
+                allowed, torch.zeros((), dtype=x.dtype), torch.full((), neg, dtype=x.dtype)
+            )
             bias = bias[:, None]
             present: list[torch.Tensor] = []
             for i, layer in enumerate(self.layers):
@@ -208,7 +212,9 @@ def build_tiny_llama(
     return model.eval()
 
 
-def export_module(module: torch.nn.Module, path: str | os.PathLike[str], *, name: str = "tiny-llama") -> str:
+def export_module(
+    module: torch.nn.Module, path: str | os.PathLike[str], *, name: str = "tiny-llama"
+) -> str:
     """Export a module built by :func:`build_tiny_llama` to ``path``.
 
     The graph gets the I/O names OrtModel expects, dynamic batch/sequence/past axes,
@@ -277,7 +283,9 @@ def export_module(module: torch.nn.Module, path: str | os.PathLike[str], *, name
     return path
 
 
-def export_tiny_llama(path: str | os.PathLike[str], *, name: str = "tiny-llama", **kwargs: Any) -> str:
+def export_tiny_llama(
+    path: str | os.PathLike[str], *, name: str = "tiny-llama", **kwargs: Any
+) -> str:
     """Build a random tiny Llama (:func:`build_tiny_llama`) and export it to ONNX.
 
     Args:
@@ -295,7 +303,9 @@ def export_tiny_llama(path: str | os.PathLike[str], *, name: str = "tiny-llama",
     return export_module(build_tiny_llama(**kwargs), path, name=name)
 
 
-def export_test_pair(directory: str | os.PathLike[str], *, vocab_size: int = 96, context_size: int = 128) -> tuple[str, str]:
+def export_test_pair(
+    directory: str | os.PathLike[str], *, vocab_size: int = 96, context_size: int = 128
+) -> tuple[str, str]:
     """Export the small target/draft pair the tests and the conformance suite use.
 
     The target has 2 layers (width 32), the draft 1 layer (width 16), same vocabulary.
@@ -310,11 +320,24 @@ def export_test_pair(directory: str | os.PathLike[str], *, vocab_size: int = 96,
     """
     common = dict(vocab_size=vocab_size, context_size=context_size, scale=0.3)
     target = export_tiny_llama(
-        os.path.join(directory, "target.onnx"), name="target", num_layers=2, hidden_size=32,
-        num_heads=4, num_kv_heads=2, seed=1, **common,
+        os.path.join(directory, "target.onnx"),
+        name="target",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=1,
+        **common,
     )
     draft = export_tiny_llama(
-        os.path.join(directory, "draft.onnx"), name="draft", num_layers=1, hidden_size=16,
-        intermediate_size=32, num_heads=2, num_kv_heads=1, seed=2, **common,
+        os.path.join(directory, "draft.onnx"),
+        name="draft",
+        num_layers=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        num_kv_heads=1,
+        seed=2,
+        **common,
     )
     return target, draft

@@ -249,7 +249,7 @@ class OrtModel:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
         handles = [h for h, _ in requests]
         jobs = []
-        for h, new in zip(handles, news):
+        for h, new in zip(handles, news, strict=True):
             toks = self._table.tokens(h)
             cached = self._cached(h)
             jobs.append((toks[cached:] + new, cached, len(new), self._kv[h]))
@@ -261,7 +261,7 @@ class OrtModel:
         if logits.dtype not in (np.float32, np.float64):
             logits = logits.astype(np.float32)
         self._check_logits(logits, handles)
-        for h, new, (_, kv) in zip(handles, news, results):
+        for h, new, (_, kv) in zip(handles, news, results, strict=True):
             self._table.tokens(h).extend(new)
             self._kv[h] = kv
         return logits
@@ -341,14 +341,16 @@ class OrtModel:
     def _slice(kv: KV, length: int) -> KV:
         return tuple(a[:, :length] for a in kv) if kv and kv[0].shape[1] > length else kv
 
-    def _feeds(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    def _feeds(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Sequence[np.ndarray]
+    ) -> dict[str, np.ndarray]:
         sig = self.signature
         feeds = {"input_ids": ids.astype(sig.ids_dtype, copy=False)}
         if sig.has_mask:
             feeds["attention_mask"] = mask.astype(sig.mask_dtype, copy=False)  # type: ignore[arg-type]
         if sig.has_positions:
             feeds["position_ids"] = pos.astype(sig.ids_dtype, copy=False)
-        feeds.update(zip(sig.past_names, past))
+        feeds.update(zip(sig.past_names, past, strict=True))
         return feeds
 
     def _run_one(self, job: tuple[list[int], int, int, KV]) -> tuple[np.ndarray, KV]:
@@ -364,7 +366,9 @@ class OrtModel:
         present = tuple(self._freeze(p[0]) for p in out[1:])
         return out[0][0, t - n_new :], present
 
-    def _run_padded(self, jobs: Sequence[tuple[list[int], int, int, KV]]) -> list[tuple[np.ndarray, KV]]:
+    def _run_padded(
+        self, jobs: Sequence[tuple[list[int], int, int, KV]]
+    ) -> list[tuple[np.ndarray, KV]]:
         sig = self.signature
         if not sig.has_cache:  # the full context, right-padded; causal masking hides the pad
             full = [job[0] for job in jobs]  # nothing is cached: the whole context
@@ -378,7 +382,8 @@ class OrtModel:
             out = self._run(self._feeds(ids, mask, pos, []), self._outputs)
             self._check_shape(out[0], (b, t))
             return [
-                (out[0][i, len(f) - job[2] : len(f)], ()) for i, (f, job) in enumerate(zip(full, jobs))
+                (out[0][i, len(f) - job[2] : len(f)], ())
+                for i, (f, job) in enumerate(zip(full, jobs, strict=True))
             ]
         b = len(jobs)
         p = max(job[1] for job in jobs)
@@ -386,20 +391,24 @@ class OrtModel:
         ids = np.zeros((b, t), dtype=np.int64)
         mask = np.zeros((b, p + t), dtype=np.int64)
         pos = np.zeros((b, t), dtype=np.int64)
-        past = [np.zeros((b, sig.kv_heads, p, sig.head_dim), dtype=sig.kv_dtype) for _ in sig.past_names]
+        past = [
+            np.zeros((b, sig.kv_heads, p, sig.head_dim), dtype=sig.kv_dtype) for _ in sig.past_names
+        ]
         for i, (run_toks, cached, _, kv) in enumerate(jobs):
             n = len(run_toks)
             ids[i, :n] = run_toks
             mask[i, p - cached : p + n] = 1
             pos[i, :n] = np.arange(cached, cached + n)
-            for buf, a in zip(past, kv):
+            for buf, a in zip(past, kv, strict=True):
                 buf[i, :, p - cached :] = a
         out = self._run(self._feeds(ids, mask, pos, past), self._outputs)
         self._check_shape(out[0], (b, t))
         results = []
         for i, (run_toks, cached, n_new, _) in enumerate(jobs):
             n = len(run_toks)
-            kv = tuple(self._freeze(np.ascontiguousarray(x[i, :, p - cached : p + n])) for x in out[1:])
+            kv = tuple(
+                self._freeze(np.ascontiguousarray(x[i, :, p - cached : p + n])) for x in out[1:]
+            )
             results.append((out[0][i, n - n_new : n], kv))
         return results
 

@@ -107,7 +107,7 @@ def create_session(
             )
         if missing:
             _log.info("providers %s are not listed by onnxruntime; skipping them", missing)
-            wanted = [p for p, n in zip(wanted, names) if n not in missing]
+            wanted = [p for p, n in zip(wanted, names, strict=True) if n not in missing]
     names = tuple(p if isinstance(p, str) else p[0] for p in wanted)
     session = factory(path, providers=wanted, sess_options=session_options)
     choice = ProviderChoice(requested=names, active=tuple(session.get_providers()))
@@ -115,9 +115,10 @@ def create_session(
         _log.warning(
             "onnxruntime: asked for %s but the session runs on %s (provider libraries "
             "missing?); continuing on %s",
-            choice.requested[0], choice.provider, choice.provider,
+            choice.requested[0],
+            choice.provider,
+            choice.provider,
         )
     else:
         _log.info("onnxruntime: session on %s", choice.provider)
     return session, choice
-

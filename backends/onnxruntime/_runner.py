@@ -24,7 +24,9 @@ class PlainRunner:
     def __init__(self, session: Any) -> None:
         self._session = session
 
-    def __call__(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+    def __call__(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> list[np.ndarray]:
         """Run the graph.
 
         Args:
@@ -56,7 +58,9 @@ class BoundRunner:
         self.device_type = device_type
         self.device_id = device_id
 
-    def __call__(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+    def __call__(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> list[np.ndarray]:
         """Run the graph through an IOBinding (same contract as :class:`PlainRunner`)."""
         binding = self._session.io_binding()
         keep = []  # the OrtValues (and the host arrays they may alias) must outlive the run

@@ -28,7 +28,11 @@ __all__ = ["GraphSignature", "read_signature"]
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
-_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_FLOAT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
 _INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
@@ -123,7 +127,9 @@ def read_signature(session: Any) -> GraphSignature:
     if "attention_mask" in inputs:
         mask_dtype = _INT_TYPES.get(inputs["attention_mask"].type)
         if mask_dtype is None:
-            raise ConfigError(f"attention_mask must be int64 or int32, not {inputs['attention_mask'].type}")
+            raise ConfigError(
+                f"attention_mask must be int64 or int32, not {inputs['attention_mask'].type}"
+            )
     if "position_ids" in inputs and inputs["position_ids"].type not in _INT_TYPES:
         raise ConfigError(f"position_ids must be int64 or int32, not {inputs['position_ids'].type}")
     logits_name = "logits" if "logits" in outputs else next(iter(outputs), None)
@@ -156,7 +162,9 @@ def read_signature(session: Any) -> GraphSignature:
     if kv_dtype is None:
         raise ConfigError(f"past_key_values must be float/float16/double, not {first.type}")
     if len(first.shape) != 4:
-        raise ConfigError(f"past_key_values must be 4-D [batch, heads, past, head_dim], got {first.shape}")
+        raise ConfigError(
+            f"past_key_values must be 4-D [batch, heads, past, head_dim], got {first.shape}"
+        )
     kv_heads, head_dim = _static(first.shape[1]), _static(first.shape[3])
     if kv_heads is None or head_dim is None:
         raise ConfigError(f"past_key_values need static head and head_dim sizes, got {first.shape}")

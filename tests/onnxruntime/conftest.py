@@ -19,9 +19,19 @@ from backends.onnxruntime import OrtModel, build_tiny_llama, export_module  # no
 
 VOCAB = 96
 CONTEXT = 64
-TARGET = dict(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
-              context_size=CONTEXT, seed=1, scale=0.3)
-DRAFT = dict(TARGET, num_layers=1, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1, seed=2)
+TARGET = dict(
+    vocab_size=VOCAB,
+    num_layers=2,
+    hidden_size=32,
+    num_heads=4,
+    num_kv_heads=2,
+    context_size=CONTEXT,
+    seed=1,
+    scale=0.3,
+)
+DRAFT = dict(
+    TARGET, num_layers=1, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1, seed=2
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +41,9 @@ def onnx_files(tmp_path_factory) -> dict[str, str]:
     return {
         "target": export_module(build_tiny_llama(**TARGET), root / "target.onnx", name="target"),
         "target_nocache": export_module(
-            build_tiny_llama(**TARGET, kv_cache=False), root / "target_nocache.onnx", name="target-nocache"
+            build_tiny_llama(**TARGET, kv_cache=False),
+            root / "target_nocache.onnx",
+            name="target-nocache",
         ),
         "draft": export_module(build_tiny_llama(**DRAFT), root / "draft.onnx", name="draft"),
     }
@@ -63,7 +75,9 @@ def torch_logits(module, tokens: list[int]) -> np.ndarray:
     n = len(tokens)
     args = [torch.tensor([tokens]), torch.ones((1, n), dtype=torch.int64), torch.arange(n)[None]]
     if module.kv_cache:
-        args += [torch.zeros((1, module.num_kv_heads, 0, module.head_dim))] * (2 * module.num_layers)
+        args += [torch.zeros((1, module.num_kv_heads, 0, module.head_dim))] * (
+            2 * module.num_layers
+        )
     with torch.no_grad():
         return module(*args)[0][0].numpy()
 

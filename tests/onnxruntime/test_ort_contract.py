@@ -24,7 +24,12 @@ def io_binding(request) -> bool:
 def test_attributes(onnx_files, oh):
     m = oh.load(onnx_files["target"])
     assert isinstance(m, Model)
-    assert (m.name, m.vocab_size, m.context_size, m.tokenizer) == ("target", oh.VOCAB, oh.CONTEXT, None)
+    assert (m.name, m.vocab_size, m.context_size, m.tokenizer) == (
+        "target",
+        oh.VOCAB,
+        oh.CONTEXT,
+        None,
+    )
     assert m.provider == "CPUExecutionProvider" and not m.providers.fell_back
     assert m.signature.has_cache and m.signature.num_layers == 2
     assert not oh.load(onnx_files["target_nocache"]).signature.has_cache
@@ -109,15 +114,17 @@ def test_batched_equals_separate(graph, batching, io_binding, oh):
     handles = [m.open(p) for p in prompts]
     m.extend([(handles[0], [9])])  # different cached lengths, some tokens uncached
     prompts[0] = PROMPT + [9]
-    got = m.extend(list(zip(handles, news)))
+    got = m.extend(list(zip(handles, news, strict=True)))
     want = np.concatenate(
-        [oh.fresh_logits(m, p + n)[len(p):] for p, n in zip(prompts, news)]
+        [oh.fresh_logits(m, p + n)[len(p) :] for p, n in zip(prompts, news, strict=True)]
     )
     assert got.shape == (sum(map(len, news)), oh.VOCAB)
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
     # the state after a batched call is as good as after separate ones
     again = m.extend([(h, [8]) for h in handles])
-    want = np.concatenate([oh.fresh_logits(m, p + n + [8])[-1:] for p, n in zip(prompts, news)])
+    want = np.concatenate(
+        [oh.fresh_logits(m, p + n + [8])[-1:] for p, n in zip(prompts, news, strict=True)]
+    )
     np.testing.assert_allclose(again, want, atol=TOL, rtol=0)
 
 
@@ -126,18 +133,24 @@ def test_random_walk_matches_recomputation(onnx_files, oh):
     m = oh.load(onnx_files["target"], batching="padded")
     live: dict[int, list[int]] = {}
     for _ in range(60):
-        op = rng.choice(["open", "extend", "fork", "truncate", "close"], p=[.15, .4, .2, .15, .1])
+        op = rng.choice(
+            ["open", "extend", "fork", "truncate", "close"], p=[0.15, 0.4, 0.2, 0.15, 0.1]
+        )
         if op == "open" or not live:
             toks = rng.integers(0, oh.VOCAB, rng.integers(0, 4)).tolist()
             live[m.open(toks)] = toks
         elif op == "extend":
-            hs = rng.choice(list(live), size=min(len(live), rng.integers(1, 4)), replace=False).tolist()
+            hs = rng.choice(
+                list(live), size=min(len(live), rng.integers(1, 4)), replace=False
+            ).tolist()
             reqs = [(h, rng.integers(0, oh.VOCAB, rng.integers(1, 4)).tolist()) for h in hs]
             reqs = [(h, t) for h, t in reqs if len(live[h]) + len(t) <= oh.CONTEXT]
             if not reqs:
                 continue
             got = m.extend(reqs)
-            want = np.concatenate([oh.fresh_logits(m, live[h] + t)[len(live[h]):] for h, t in reqs])
+            want = np.concatenate(
+                [oh.fresh_logits(m, live[h] + t)[len(live[h]) :] for h, t in reqs]
+            )
             np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
             for h, t in reqs:
                 live[h] = live[h] + t
@@ -163,8 +176,13 @@ def test_close_and_handle_errors(onnx_files, oh):
     h = m.open([1, 2])
     m.close(h)
     assert m.open_handles == 0
-    for call in (lambda: m.extend([(h, [1])]), lambda: m.fork(h, 0), lambda: m.truncate(h, 0),
-                 lambda: m.close(h), lambda: m.extend([("nope", [1])])):
+    for call in (
+        lambda: m.extend([(h, [1])]),
+        lambda: m.fork(h, 0),
+        lambda: m.truncate(h, 0),
+        lambda: m.close(h),
+        lambda: m.extend([("nope", [1])]),
+    ):
         with pytest.raises(HandleError):
             call()
     g = m.open([1, 2])
@@ -235,8 +253,10 @@ def test_nonfinite_logits_are_a_contract_error(onnx_files, oh, bad):
 def test_neg_inf_logits_are_allowed(onnx_files, oh):
     m = oh.load(onnx_files["target"])
     real = m._run
-    m._run = lambda feeds, names: [o if i else np.where(np.arange(o.shape[-1]) == 0, -np.inf, o)
-                                   for i, o in enumerate(real(feeds, names))]
+    m._run = lambda feeds, names: [
+        o if i else np.where(np.arange(o.shape[-1]) == 0, -np.inf, o)
+        for i, o in enumerate(real(feeds, names))
+    ]
     out = m.extend([(m.open([]), [1])])
     assert out[0, 0] == -np.inf
 
@@ -244,7 +264,9 @@ def test_neg_inf_logits_are_allowed(onnx_files, oh):
 def test_wrong_logits_shape_is_a_contract_error(onnx_files, oh):
     m = oh.load(onnx_files["target"])
     real = m._run
-    m._run = lambda feeds, names: [o[..., :-1] if i == 0 else o for i, o in enumerate(real(feeds, names))]
+    m._run = lambda feeds, names: [
+        o[..., :-1] if i == 0 else o for i, o in enumerate(real(feeds, names))
+    ]
     with pytest.raises(BackendContractError, match="shape"):
         m.extend([(m.open([]), [1])])
 

@@ -26,15 +26,29 @@ def test_ir_version_and_metadata(onnx_files):
 
 def test_signature_names(onnx_files, oh):
     sig = oh.load(onnx_files["target"]).signature
-    assert sig.past_names == ("past_key_values.0.key", "past_key_values.0.value",
-                              "past_key_values.1.key", "past_key_values.1.value")
-    assert sig.present_names == tuple(n.replace("past_key_values", "present") for n in sig.past_names)
+    assert sig.past_names == (
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    )
+    assert sig.present_names == tuple(
+        n.replace("past_key_values", "present") for n in sig.past_names
+    )
     assert (sig.kv_heads, sig.head_dim, sig.has_mask, sig.has_positions) == (2, 8, True, True)
 
 
 def test_export_tiny_llama_kwargs(tmp_path, oh):
-    path = export_tiny_llama(tmp_path / "m.onnx", name="small", vocab_size=10, num_layers=1,
-                             hidden_size=8, num_heads=2, num_kv_heads=1, context_size=16)
+    path = export_tiny_llama(
+        tmp_path / "m.onnx",
+        name="small",
+        vocab_size=10,
+        num_layers=1,
+        hidden_size=8,
+        num_heads=2,
+        num_kv_heads=1,
+        context_size=16,
+    )
     m = oh.load(path)
     assert (m.name, m.vocab_size, m.context_size, m.signature.num_layers) == ("small", 10, 16, 1)
 
@@ -48,10 +62,23 @@ def test_export_rejects_bad_sizes():
 
 def test_parse_spec():
     assert parse_spec("m.onnx") == {"path": "m.onnx"}
-    assert parse_spec("path=m.onnx,threads=2,context=9,providers=A+B,io_binding=1,batching=padded") == {
-        "path": "m.onnx", "threads": 2, "context_size": 9, "providers": ["A", "B"],
-        "io_binding": True, "batching": "padded"}
-    for bad in ("", "threads=2", "path=m.onnx,colour=red", "path=m.onnx,threads=x", "a.onnx,b.onnx"):
+    assert parse_spec(
+        "path=m.onnx,threads=2,context=9,providers=A+B,io_binding=1,batching=padded"
+    ) == {
+        "path": "m.onnx",
+        "threads": 2,
+        "context_size": 9,
+        "providers": ["A", "B"],
+        "io_binding": True,
+        "batching": "padded",
+    }
+    for bad in (
+        "",
+        "threads=2",
+        "path=m.onnx,colour=red",
+        "path=m.onnx,threads=x",
+        "a.onnx,b.onnx",
+    ):
         with pytest.raises(ConfigError):
             parse_spec(bad)
 

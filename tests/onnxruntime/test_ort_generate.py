@@ -17,8 +17,15 @@ def test_greedy_identity_target_and_smaller_draft(onnx_files, oh, batching):
     assert draft.vocab_size == target.vocab_size
     ar = generate(target, None, prompts=PROMPTS, mode="ar", max_new_tokens=12, sampling=GREEDY)
     for mode in ("sd", "ssd"):
-        out = generate(target, draft, prompts=PROMPTS, mode=mode, max_new_tokens=12, sampling=GREEDY,
-                       config=SSDConfig(k=3, fanout=6))
+        out = generate(
+            target,
+            draft,
+            prompts=PROMPTS,
+            mode=mode,
+            max_new_tokens=12,
+            sampling=GREEDY,
+            config=SSDConfig(k=3, fanout=6),
+        )
         assert out.tokens == ar.tokens, mode
     assert target.open_handles == 0 and draft.open_handles == 0
 
@@ -28,34 +35,65 @@ def test_greedy_identity_threaded_ssd_and_recompute_target(onnx_files, oh):
     nocache = oh.load(onnx_files["target_nocache"])
     draft = oh.load(onnx_files["draft"])
     ar = generate(target, None, prompts=PROMPTS[:2], mode="ar", max_new_tokens=8, sampling=GREEDY)
-    assert generate(nocache, None, prompts=PROMPTS[:2], mode="ar", max_new_tokens=8,
-                    sampling=GREEDY).tokens == ar.tokens
-    out = generate(target, draft, prompts=PROMPTS[:2], mode="ssd", max_new_tokens=8, sampling=GREEDY,
-                   config=SSDConfig(k=2, fanout=4), driver="threaded")
+    assert (
+        generate(
+            nocache, None, prompts=PROMPTS[:2], mode="ar", max_new_tokens=8, sampling=GREEDY
+        ).tokens
+        == ar.tokens
+    )
+    out = generate(
+        target,
+        draft,
+        prompts=PROMPTS[:2],
+        mode="ssd",
+        max_new_tokens=8,
+        sampling=GREEDY,
+        config=SSDConfig(k=2, fanout=4),
+        driver="threaded",
+    )
     assert out.tokens == ar.tokens
 
 
 def test_self_draft_accepts_everything(onnx_files, oh):
     target = oh.load(onnx_files["target"])
     draft = oh.load(onnx_files["target"])
-    out = generate(target, draft, prompts=[[1, 2]], mode="sd", max_new_tokens=16, sampling=GREEDY,
-                   config=SSDConfig(k=4))
+    out = generate(
+        target,
+        draft,
+        prompts=[[1, 2]],
+        mode="sd",
+        max_new_tokens=16,
+        sampling=GREEDY,
+        config=SSDConfig(k=4),
+    )
     assert out.metrics.acceptance_rate == 1.0
 
 
 def test_sampling_runs_and_is_seeded(onnx_files, oh):
     target = oh.load(onnx_files["target"])
     draft = oh.load(onnx_files["draft"])
-    kw = dict(prompts=PROMPTS, mode="ssd", max_new_tokens=10, sampling=SamplingParams(temperature=1.0),
-              config=SSDConfig(k=3, fallback="neural"), seed=7)  # "auto" uses measured times
+    kw = dict(
+        prompts=PROMPTS,
+        mode="ssd",
+        max_new_tokens=10,
+        sampling=SamplingParams(temperature=1.0),
+        config=SSDConfig(k=3, fallback="neural"),
+        seed=7,
+    )  # "auto" uses measured times
     assert generate(target, draft, **kw).tokens == generate(target, draft, **kw).tokens
 
 
 def test_backend_registry_loads_onnx_paths(onnx_files):
     spec = load_backend("onnxruntime")
     assert spec.name == "onnxruntime"
-    model = spec.load(f"path={onnx_files['target']},providers=CPUExecutionProvider,batching=padded,threads=1",
-                      {"context_size": 32})
-    assert model.context_size == 32 and model.batching == "padded" and model.provider == "CPUExecutionProvider"
+    model = spec.load(
+        f"path={onnx_files['target']},providers=CPUExecutionProvider,batching=padded,threads=1",
+        {"context_size": 32},
+    )
+    assert (
+        model.context_size == 32
+        and model.batching == "padded"
+        and model.provider == "CPUExecutionProvider"
+    )
     plain = spec.load(onnx_files["draft"], {})
     assert plain.name == "draft"

@@ -39,7 +39,9 @@ def test_cuda_listed_but_not_loadable_falls_back_to_cpu(onnx_files, caplog):
         return made[-1]
 
     with caplog.at_level(logging.WARNING, logger="backends.onnxruntime"):
-        m = OrtModel.from_file(onnx_files["target"], available=lambda: [CUDA, CPU], session_factory=factory)
+        m = OrtModel.from_file(
+            onnx_files["target"], available=lambda: [CUDA, CPU], session_factory=factory
+        )
     assert made[0].asked == [CUDA, CPU]  # CUDA was tried first
     assert m.provider == CPU
     assert m.providers.requested == (CUDA, CPU) and m.providers.fell_back
@@ -63,7 +65,9 @@ def test_cpu_only_build_never_asks_for_cuda(onnx_files):
 
 def test_cuda_session_uses_iobinding_and_padding(onnx_files):
     m = OrtModel.from_file(
-        onnx_files["target"], available=lambda: [CUDA, CPU], session_factory=PretendCudaSession,
+        onnx_files["target"],
+        available=lambda: [CUDA, CPU],
+        session_factory=PretendCudaSession,
         providers=[(CUDA, {"device_id": 1}), CPU],
     )
     assert m.provider == CUDA and not m.providers.fell_back
@@ -77,7 +81,9 @@ def test_real_default_selection_reports_what_runs(onnx_files):
     m = OrtModel.from_file(onnx_files["target"])
     assert m.provider == m._session.get_providers()[0]
     assert m.provider in onnxruntime.get_available_providers()
-    assert m.providers.fell_back == (CUDA in onnxruntime.get_available_providers() and m.provider != CUDA)
+    assert m.providers.fell_back == (
+        CUDA in onnxruntime.get_available_providers() and m.provider != CUDA
+    )
     h = m.open([1])
     assert np.isfinite(m.extend([(h, [2, 3])])).all()
 
