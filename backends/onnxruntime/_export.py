@@ -180,7 +180,8 @@ def build_tiny_llama(
             total = attention_mask.shape[1]
             p = total - t
             x = self.embed(input_ids)
-            freqs = position_ids.to(torch.float32)[:, :, None] * self.inv_freq[None, None, :]
+            inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
+            freqs = position_ids.to(torch.float32)[:, :, None] * inv_freq[None, None, :]
             emb = torch.cat([freqs, freqs], dim=-1)
             cos, sin = emb.cos()[:, None], emb.sin()[:, None]
             # slot-causal mask combined with the padding mask, as an additive bias
@@ -234,7 +235,11 @@ def export_module(
     import torch
 
     path = os.fspath(path)
-    n_layers, kv_heads, head_dim = module.num_layers, module.num_kv_heads, module.head_dim
+    n_layers, kv_heads, head_dim = (
+        int(module.num_layers),  # type: ignore[arg-type]
+        int(module.num_kv_heads),  # type: ignore[arg-type]
+        int(module.head_dim),  # type: ignore[arg-type]
+    )
     kv = bool(module.kv_cache)
     ids = torch.zeros((1, 3), dtype=torch.int64)
     pos = torch.arange(3, dtype=torch.int64)[None] + (2 if kv else 0)

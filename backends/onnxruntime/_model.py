@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ssd_core import BackendContractError, CapacityError, ConfigError, Handle
+from ssd_core import BackendContractError, CapacityError, ConfigError, Handle, Tokenizer
 
 from .._handles import HandleTable
 from ._providers import CUDA, ProviderChoice, create_session
@@ -59,7 +59,7 @@ class OrtModel:
         signature: the graph's :class:`GraphSignature`.
     """
 
-    tokenizer = None
+    tokenizer: Tokenizer | None = None
 
     def __init__(
         self,
@@ -130,7 +130,7 @@ class OrtModel:
             else PlainRunner(session)
         )
         self._table = HandleTable(owner=name, vocab_size=self.vocab_size, context_size=context_size)
-        self._kv: dict[int, KV] = {}
+        self._kv: dict[Handle, KV] = {}
         self._outputs = self.signature.output_names()
 
     # -- construction ----------------------------------------------------------------
@@ -276,7 +276,7 @@ class OrtModel:
         self._table.check_length(handle, length)
         self._check_handle_room()
         child = self._table.fork(handle, length)
-        self._kv[child] = self._slice(self._kv[handle], length)  # type: ignore[index]
+        self._kv[child] = self._slice(self._kv[handle], length)
         return child
 
     def truncate(self, handle: Handle, length: int) -> None:
@@ -286,7 +286,7 @@ class OrtModel:
             HandleError: unknown handle or ``length`` out of range.
         """
         self._table.truncate(handle, length)
-        self._kv[handle] = self._slice(self._kv[handle], length)  # type: ignore[index]
+        self._kv[handle] = self._slice(self._kv[handle], length)
 
     def close(self, handle: Handle) -> None:
         """Free ``handle``.
@@ -295,7 +295,7 @@ class OrtModel:
             HandleError: unknown or already closed handle.
         """
         self._table.close(handle)
-        del self._kv[handle]  # type: ignore[arg-type]
+        del self._kv[handle]
 
     # -- introspection ---------------------------------------------------------------
 
@@ -329,12 +329,12 @@ class OrtModel:
         sig = self.signature
         if not sig.has_cache:
             return ()
-        empty = np.zeros((sig.kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype)
+        empty: np.ndarray = np.zeros((sig.kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype)
         empty.setflags(write=False)
         return (empty,) * len(sig.past_names)
 
     def _cached(self, handle: Handle) -> int:
-        kv = self._kv[handle]  # type: ignore[index]
+        kv = self._kv[handle]
         return int(kv[0].shape[1]) if kv else 0
 
     @staticmethod
@@ -345,9 +345,9 @@ class OrtModel:
         self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Sequence[np.ndarray]
     ) -> dict[str, np.ndarray]:
         sig = self.signature
-        feeds = {"input_ids": ids.astype(sig.ids_dtype, copy=False)}
+        feeds: dict[str, np.ndarray] = {"input_ids": ids.astype(sig.ids_dtype, copy=False)}
         if sig.has_mask:
-            feeds["attention_mask"] = mask.astype(sig.mask_dtype, copy=False)  # type: ignore[arg-type]
+            feeds["attention_mask"] = mask.astype(sig.mask_dtype, copy=False)
         if sig.has_positions:
             feeds["position_ids"] = pos.astype(sig.ids_dtype, copy=False)
         feeds.update(zip(sig.past_names, past, strict=True))
@@ -391,7 +391,7 @@ class OrtModel:
         ids = np.zeros((b, t), dtype=np.int64)
         mask = np.zeros((b, p + t), dtype=np.int64)
         pos = np.zeros((b, t), dtype=np.int64)
-        past = [
+        past: list[np.ndarray] = [
             np.zeros((b, sig.kv_heads, p, sig.head_dim), dtype=sig.kv_dtype) for _ in sig.past_names
         ]
         for i, (run_toks, cached, _, kv) in enumerate(jobs):

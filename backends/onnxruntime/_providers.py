@@ -108,9 +108,9 @@ def create_session(
         if missing:
             _log.info("providers %s are not listed by onnxruntime; skipping them", missing)
             wanted = [p for p, n in zip(wanted, names, strict=True) if n not in missing]
-    names = tuple(p if isinstance(p, str) else p[0] for p in wanted)
+    requested = tuple(p if isinstance(p, str) else p[0] for p in wanted)
     session = factory(path, providers=wanted, sess_options=session_options)
-    choice = ProviderChoice(requested=names, active=tuple(session.get_providers()))
+    choice = ProviderChoice(requested=requested, active=tuple(session.get_providers()))
     if choice.fell_back:
         _log.warning(
             "onnxruntime: asked for %s but the session runs on %s (provider libraries "
