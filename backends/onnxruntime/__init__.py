@@ -27,6 +27,7 @@ from ._export import (
     export_module,
     export_test_pair,
     export_tiny_llama,
+    from_hf_llama,
 )
 from ._model import BATCHING, OrtModel
 from ._providers import CPU, CUDA, ProviderChoice, create_session
@@ -47,6 +48,7 @@ __all__ = [
     "export_module",
     "export_test_pair",
     "export_tiny_llama",
+    "from_hf_llama",
     "parse_spec",
     "read_signature",
 ]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MAX_IR_VERSION",
+    "from_hf_llama",
     "OPSET",
     "build_tiny_llama",
     "export_module",
@@ -51,6 +52,7 @@ def build_tiny_llama(
     num_kv_heads: int = 2,
     context_size: int = 128,
     rope_theta: float = 10000.0,
+    rms_eps: float = 1e-6,
     scale: float = 0.3,
     seed: int = 0,
     kv_cache: bool = True,
@@ -72,6 +74,7 @@ def build_tiny_llama(
         context_size: recorded as the model's context size (rotary positions are not
             bounded, but the exported graph advertises this limit).
         rope_theta: rotary base.
+        rms_eps: RMSNorm epsilon.
         scale: standard deviation of the random weights; larger is peakier.
         seed: weights are drawn from a generator seeded with this.
         kv_cache: whether the module takes and returns the KV cache.
@@ -103,7 +106,7 @@ def build_tiny_llama(
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             var = x.pow(2).mean(-1, keepdim=True)
-            return x * torch.rsqrt(var + 1e-6) * self.weight
+            return x * torch.rsqrt(var + rms_eps) * self.weight
 
     def rotate_half(x: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -346,3 +349,71 @@ def export_test_pair(
         **common,
     )
     return target, draft
+
+
+def from_hf_llama(hf_model: Any, *, kv_cache: bool = True) -> torch.nn.Module:
+    """Copy a Hugging Face ``LlamaForCausalLM`` into the exportable module.
+
+    The result computes the same logits (float32) with the explicit KV-cache signature,
+    so :func:`export_module` can write it to ONNX; e.g. SmolLM2 loaded through
+    transformers (``gguf_file=``) becomes an ONNX graph without an exporter for
+    transformers' cache classes. Supported: the plain Llama architecture (no bias, no
+    rope scaling, ``head_dim == hidden_size / num_attention_heads``), tied or untied
+    embeddings.
+
+    Args:
+        hf_model: a ``transformers.LlamaForCausalLM`` (or a model with the same layout).
+        kv_cache: export with or without the KV cache.
+
+    Returns:
+        The module, in eval mode, float32.
+
+    Raises:
+        ConfigError: a configuration this copy does not support.
+    """
+    import torch
+
+    cfg = hf_model.config
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if head_dim * heads != cfg.hidden_size:
+        raise ConfigError(f"head_dim {head_dim} x heads {heads} != hidden_size {cfg.hidden_size}")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise ConfigError("Llama models with attention/MLP biases are not supported")
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ConfigError(f"rope scaling {rope} is not supported")
+    theta = getattr(cfg, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+    module = build_tiny_llama(
+        vocab_size=int(cfg.vocab_size),
+        hidden_size=int(cfg.hidden_size),
+        intermediate_size=int(cfg.intermediate_size),
+        num_layers=int(cfg.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        context_size=int(cfg.max_position_embeddings),
+        rope_theta=float(theta),
+        rms_eps=float(cfg.rms_norm_eps),
+        kv_cache=kv_cache,
+    )
+    src = hf_model.model
+    names = {
+        "input_norm": "input_layernorm",
+        "post_norm": "post_attention_layernorm",
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+    with torch.no_grad():
+        module.embed.weight.copy_(src.embed_tokens.weight.float())
+        module.norm.weight.copy_(src.norm.weight.float())
+        module.head.weight.copy_(hf_model.lm_head.weight.float())
+        for mine, theirs in zip(module.layers, src.layers, strict=True):
+            for a, b in names.items():
+                getattr(mine, a).weight.copy_(theirs.get_submodule(b).weight.float())
+    return module.eval()
