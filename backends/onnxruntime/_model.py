@@ -73,6 +73,7 @@ class OrtModel:
         io_binding: bool | None = None,
         device_id: int = 0,
         max_handles: int | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """Wrap an existing ``onnxruntime.InferenceSession``.
 
@@ -87,6 +88,7 @@ class OrtModel:
             io_binding: run through an IOBinding; ``None`` means "when on CUDA".
             device_id: device ordinal for the IOBinding on CUDA.
             max_handles: most live handles, or ``None``.
+            tokenizer: a :class:`~ssd_core.Tokenizer` for text prompts, or ``None``.
 
         Raises:
             ConfigError: unknown batching, a graph that does not follow the signature,
@@ -116,6 +118,7 @@ class OrtModel:
         self.vocab_size = int(vocab_size)
         self.context_size = context_size
         self.max_handles = max_handles
+        self.tokenizer = tokenizer
         on_cuda = self.provider == CUDA
         if batching == "auto":
             batching = "padded"
@@ -148,6 +151,7 @@ class OrtModel:
         io_binding: bool | None = None,
         threads: int | None = None,
         max_handles: int | None = None,
+        tokenizer: Tokenizer | None = None,
         available: Callable[[], Sequence[str]] | None = None,
         session_factory: Callable[..., Any] | None = None,
     ) -> OrtModel:
@@ -166,6 +170,7 @@ class OrtModel:
             io_binding: force the IOBinding path on or off (default: on for CUDA).
             threads: ``intra_op_num_threads`` for the session (default: onnxruntime's).
             max_handles: most live handles, or ``None``.
+            tokenizer: a :class:`~ssd_core.Tokenizer` for text prompts, or ``None``.
             available: test hook replacing ``onnxruntime.get_available_providers``.
             session_factory: test hook replacing ``onnxruntime.InferenceSession``.
 
@@ -211,6 +216,7 @@ class OrtModel:
             io_binding=io_binding,
             device_id=device_id,
             max_handles=max_handles,
+            tokenizer=tokenizer,
         )
 
     # -- the Model protocol ----------------------------------------------------------
