@@ -93,12 +93,15 @@ def bench_calls(model: OrtModel, repeat: int, context: int = 64) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-spin", action="store_true", help="turn intra-op spinning off")
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument(
         "--providers", default=None, help="+-separated provider names (default: auto)"
     )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--onnx", type=Path, default=None, help="also time this existing graph")
+    parser.add_argument("--skip-generate", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     providers = args.providers.split("+") if args.providers else None
@@ -110,7 +113,11 @@ def main() -> None:
             )
             for batching in ("sequential", "padded"):
                 m = OrtModel.from_file(
-                    path, providers=providers, threads=args.threads, batching=batching
+                    path,
+                    providers=providers,
+                    threads=args.threads,
+                    spinning=False if args.no_spin else None,
+                    batching=batching,
                 )
                 r = bench_calls(m, args.repeat)
                 results[f"{size}/{batching}"] = r
@@ -119,16 +126,51 @@ def main() -> None:
                     + "  ".join(f"{k}={v:7.2f}ms" for k, v in r.items()),
                     flush=True,
                 )
+        if args.onnx is not None:
+            for batching in ("sequential", "padded"):
+                m = OrtModel.from_file(
+                    args.onnx,
+                    providers=providers,
+                    threads=args.threads,
+                    spinning=False if args.no_spin else None,
+                    batching=batching,
+                )
+                r = bench_calls(m, max(args.repeat // 5, 3))
+                results[f"{m.name}/{batching}"] = r
+                print(
+                    f"{m.name} {batching:10s} {m.provider:22s} "
+                    + "  ".join(f"{k}={v:7.2f}ms" for k, v in r.items()),
+                    flush=True,
+                )
+        if args.skip_generate:
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+            return
         tpath = export_tiny_llama(
             Path(tmp) / "t.onnx", name="target", context_size=512, seed=1, **SIZES["small"]
         )
         dpath = export_tiny_llama(
             Path(tmp) / "d.onnx", name="draft", context_size=512, seed=2, **DRAFT
         )
-        target = OrtModel.from_file(tpath, providers=providers, threads=args.threads)
-        draft = OrtModel.from_file(dpath, providers=providers, threads=args.threads)
+        target = OrtModel.from_file(
+            tpath,
+            providers=providers,
+            threads=args.threads,
+            spinning=False if args.no_spin else None,
+        )
+        draft = OrtModel.from_file(
+            dpath,
+            providers=providers,
+            threads=args.threads,
+            spinning=False if args.no_spin else None,
+        )
         prompts = [[1, 2, 3, 4, 5, 6, 7, 8]]
-        same = OrtModel.from_file(tpath, providers=providers, threads=args.threads)
+        same = OrtModel.from_file(
+            tpath,
+            providers=providers,
+            threads=args.threads,
+            spinning=False if args.no_spin else None,
+        )
         for mode, d in (
             ("ar", draft),
             ("sd", draft),

@@ -42,7 +42,9 @@ def main() -> int:
     from backends.onnxruntime import OrtModel, export_module, from_hf_llama
 
     t0 = time.perf_counter()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf, dtype=torch.float32
+    ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     print(f"transformers load: {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
@@ -54,10 +56,14 @@ def main() -> int:
     with torch.no_grad():
         want = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
     h = model.open(ids[:10])
-    got = np.concatenate([model.extend([(h, ids[10:100])]), *[model.extend([(h, [t])]) for t in ids[100:]]])
+    got = np.concatenate(
+        [model.extend([(h, ids[10:100])]), *[model.extend([(h, [t])]) for t in ids[100:]]]
+    )
     diff = float(np.abs(got - want[10:]).max())
     agree = float((got.argmax(-1) == want[10:].argmax(-1)).mean())
-    print(f"ONNX vs transformers over {len(ids) - 10} positions: max|diff|={diff:.2e} top-1 agreement={agree:.3f}")
+    print(
+        f"ONNX vs transformers over {len(ids) - 10} positions: max|diff|={diff:.2e} top-1 agreement={agree:.3f}"
+    )
     prompt = tok("The capital of France is")["input_ids"]
     h = model.open(prompt[:-1])
     last = prompt[-1]

@@ -67,7 +67,8 @@ def parse_spec(args: str) -> dict[str, Any]:
     """Parse ``PATH`` or ``path=PATH,key=value,...`` into :meth:`OrtModel.from_file` arguments.
 
     Keys: ``path``, ``threads``, ``context``, ``vocab``, ``max_handles``, ``batching``,
-    ``name``, ``providers`` (``+``-separated provider names), ``io_binding`` (0/1).
+    ``name``, ``providers`` (``+``-separated provider names), ``io_binding`` and
+    ``spinning`` (0/1).
 
     Raises:
         ConfigError: an unknown key, a bad value, or no path.
@@ -89,12 +90,12 @@ def parse_spec(args: str) -> dict[str, Any]:
                 out[key] = value
             elif key == "providers":
                 out["providers"] = [p for p in value.split("+") if p]
-            elif key == "io_binding":
-                out["io_binding"] = value.strip().lower() in ("1", "true", "yes", "on")
+            elif key in ("io_binding", "spinning"):
+                out[key] = value.strip().lower() in ("1", "true", "yes", "on")
             else:
                 raise ConfigError(
                     f"unknown onnxruntime spec key {key!r}; known: path, batching, name, providers, "
-                    f"io_binding, {', '.join(sorted(_INT_KEYS))}"
+                    f"io_binding, spinning, {', '.join(sorted(_INT_KEYS))}"
                 )
         except ValueError as exc:
             raise ConfigError(f"onnxruntime spec {key}={value!r}: {exc}") from None

@@ -150,6 +150,7 @@ class OrtModel:
         batching: str = "auto",
         io_binding: bool | None = None,
         threads: int | None = None,
+        spinning: bool | None = None,
         max_handles: int | None = None,
         tokenizer: Tokenizer | None = None,
         available: Callable[[], Sequence[str]] | None = None,
@@ -169,6 +170,9 @@ class OrtModel:
             batching: one of :data:`BATCHING`.
             io_binding: force the IOBinding path on or off (default: on for CUDA).
             threads: ``intra_op_num_threads`` for the session (default: onnxruntime's).
+            spinning: let idle intra-op threads busy-wait (``None``: onnxruntime's
+                default, which spins). Turn it off when cores are shared, e.g. draft
+                and target on one CPU under the threaded driver (measured below).
             max_handles: most live handles, or ``None``.
             tokenizer: a :class:`~ssd_core.Tokenizer` for text prompts, or ``None``.
             available: test hook replacing ``onnxruntime.get_available_providers``.
@@ -191,6 +195,10 @@ class OrtModel:
             if threads < 1:
                 raise ConfigError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
+        if spinning is not None:
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "1" if spinning else "0"
+            )
         kwargs: dict[str, Any] = {"providers": providers, "session_options": options}
         if available is not None:
             kwargs["available"] = available

@@ -63,13 +63,14 @@ def test_export_rejects_bad_sizes():
 def test_parse_spec():
     assert parse_spec("m.onnx") == {"path": "m.onnx"}
     assert parse_spec(
-        "path=m.onnx,threads=2,context=9,providers=A+B,io_binding=1,batching=padded"
+        "path=m.onnx,threads=2,context=9,providers=A+B,io_binding=1,batching=padded,spinning=0"
     ) == {
         "path": "m.onnx",
         "threads": 2,
         "context_size": 9,
         "providers": ["A", "B"],
         "io_binding": True,
+        "spinning": False,
         "batching": "padded",
     }
     for bad in (

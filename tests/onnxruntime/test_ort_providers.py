@@ -116,3 +116,17 @@ def test_bad_options(onnx_files, tmp_path):
         OrtModel.from_file(onnx_files["target"], providers=[CPU], threads=0)
     with pytest.raises(ConfigError, match="vocab_size"):
         OrtModel.from_file(onnx_files["target"], providers=[CPU], vocab_size=7)
+
+
+def test_spinning_and_threads_options_reach_the_session(onnx_files):
+    seen = {}
+
+    def factory(path, providers, sess_options=None):
+        seen["threads"] = sess_options.intra_op_num_threads
+        seen["spin"] = sess_options.get_session_config_entry("session.intra_op.allow_spinning")
+        return onnxruntime.InferenceSession(path, sess_options=sess_options, providers=providers)
+
+    OrtModel.from_file(
+        onnx_files["target"], providers=[CPU], threads=1, spinning=False, session_factory=factory
+    )
+    assert seen == {"threads": 1, "spin": "0"}
