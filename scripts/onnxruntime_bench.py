@@ -90,6 +90,25 @@ def bench_calls(model: OrtModel, repeat: int, context: int = 64) -> dict[str, fl
     return out
 
 
+def bench_spinning(path: str, calls: int = 40) -> dict[str, float]:
+    """1 x 1 extend on a 65-token context, threads 1/2 x spinning on/off."""
+    out = {}
+    for threads in (1, 2):
+        for spin in (True, False):
+            m = OrtModel.from_file(
+                path, providers=["CPUExecutionProvider"], threads=threads, spinning=spin
+            )
+            h = m.open(list(range(64)))
+            m.extend([(h, [1])])
+
+            def step(m: OrtModel = m, h: object = h) -> None:
+                m.extend([(h, [2])])
+                m.truncate(h, 65)
+
+            out[f"threads={threads},spin={int(spin)}"] = _time(step, calls)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -102,6 +121,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--onnx", type=Path, default=None, help="also time this existing graph")
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--spin-compare", action="store_true", help="also time spinning on/off")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     providers = args.providers.split("+") if args.providers else None
@@ -126,6 +146,10 @@ def main() -> None:
                     + "  ".join(f"{k}={v:7.2f}ms" for k, v in r.items()),
                     flush=True,
                 )
+        if args.spin_compare:
+            r = bench_spinning(str(Path(tmp) / "small.onnx"))
+            results["small/spinning"] = r
+            print("small 1x1 " + "  ".join(f"{k}: {v:.2f}ms" for k, v in r.items()), flush=True)
         if args.onnx is not None:
             for batching in ("sequential", "padded"):
                 m = OrtModel.from_file(
