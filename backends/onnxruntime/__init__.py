@@ -7,7 +7,9 @@ convention (``input_ids``, ``attention_mask``, ``position_ids``,
 the CPU provider otherwise; ``model.provider`` says which.
 
 Model specs for the CLI: ``onnxruntime:PATH`` or
-``onnxruntime:path=PATH,batching=padded,threads=2,context=256,providers=CPUExecutionProvider``.
+``onnxruntime:path=PATH,batching=padded,threads=2,context=256,providers=CPUExecutionProvider``;
+``onnxruntime:tiny-target`` / ``tiny-draft`` (the defaults) export the tiny random test
+pair to a temporary folder on first use (needs torch and onnx).
 
 This package imports ``onnxruntime`` (the real one: imports here are absolute, and the
 package's full name is ``backends.onnxruntime``); ``torch``/``onnx`` only in the exporter.
@@ -15,6 +17,10 @@ package's full name is ``backends.onnxruntime``); ``torch``/``onnx`` only in the
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +42,7 @@ from ._signature import GraphSignature, read_signature
 __all__ = [
     "BACKEND",
     "BATCHING",
+    "BUILTIN",
     "CPU",
     "CUDA",
     "MAX_IR_VERSION",
@@ -104,13 +111,46 @@ def parse_spec(args: str) -> dict[str, Any]:
     return out
 
 
+#: Built-in spec names: the tiny random test pair, exported on first use (needs torch).
+BUILTIN = ("tiny-target", "tiny-draft")
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_pair() -> tuple[str, str]:
+    folder = tempfile.mkdtemp(prefix="ssd-onnx-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return export_test_pair(folder)
+
+
+def _device_providers(device: str) -> list[Any] | None:
+    """``cpu`` -> CPU only; ``cuda`` / ``cuda:N`` -> CUDA device N, then CPU."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return [CPU]
+    if kind == "cuda":
+        try:
+            return [(CUDA, {"device_id": int(index or 0)}), CPU]
+        except ValueError:
+            raise ConfigError(f"bad device {device!r}; use cpu, cuda or cuda:N") from None
+    raise ConfigError(f"bad device {device!r}; use cpu, cuda or cuda:N")
+
+
 def _load(args: str, options: Mapping[str, Any]) -> OrtModel:
-    """``onnxruntime:PATH[,key=value...]``; the CLI's ``threads`` and ``context_size``
-    options apply when the spec does not set them."""
+    """``onnxruntime:PATH[,key=value...]`` or ``onnxruntime:tiny-target`` / ``tiny-draft``.
+
+    The CLI's ``threads``, ``n_ctx`` and ``device`` options apply where the spec does not
+    set threads, context or providers.
+    """
+    if args.strip() in BUILTIN:
+        target, draft = _tiny_pair()
+        args = target if args.strip() == "tiny-target" else draft
     kw = parse_spec(args)
-    for opt, key in (("threads", "threads"), ("context_size", "context_size")):
-        if options.get(opt) is not None:
-            kw.setdefault(key, int(options[opt]))
+    if options.get("threads") is not None:
+        kw.setdefault("threads", int(options["threads"]))
+    if options.get("n_ctx") is not None:
+        kw.setdefault("context_size", int(options["n_ctx"]))
+    if options.get("device") is not None and "providers" not in kw:
+        kw["providers"] = _device_providers(str(options["device"]))
     path = kw.pop("path")
     return OrtModel.from_file(path, **kw)
 
@@ -118,5 +158,7 @@ def _load(args: str, options: Mapping[str, Any]) -> OrtModel:
 BACKEND = BackendSpec(
     name="onnxruntime",
     load=_load,
+    default_target="onnxruntime:tiny-target",
+    default_draft="onnxruntime:tiny-draft",
     description="decoder-only ONNX graphs with a KV cache on onnxruntime (CUDA provider, CPU fallback)",
 )

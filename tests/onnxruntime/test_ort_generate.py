@@ -88,7 +88,7 @@ def test_backend_registry_loads_onnx_paths(onnx_files):
     assert spec.name == "onnxruntime"
     model = spec.load(
         f"path={onnx_files['target']},providers=CPUExecutionProvider,batching=padded,threads=1",
-        {"context_size": 32},
+        {"n_ctx": 32, "device": "cuda:0"},  # the spec's providers win over the CLI device
     )
     assert (
         model.context_size == 32
@@ -97,3 +97,26 @@ def test_backend_registry_loads_onnx_paths(onnx_files):
     )
     plain = spec.load(onnx_files["draft"], {})
     assert plain.name == "draft"
+
+
+def test_builtin_tiny_pair_and_cli_device_option():
+    spec = load_backend("onnxruntime")
+    target = spec.load("tiny-target", {"device": "cpu", "threads": 1})
+    draft = spec.load("tiny-draft", {"device": "cpu"})
+    assert target.provider == "CPUExecutionProvider" and target.providers.requested == (
+        "CPUExecutionProvider",
+    )
+    assert (target.name, draft.name, target.vocab_size) == ("target", "draft", draft.vocab_size)
+    out = generate(target, draft, prompts=[[1, 2]], mode="ssd", max_new_tokens=4, sampling=GREEDY)
+    assert len(out.tokens[0]) == 4
+
+
+def test_device_option_is_validated():
+    from backends.onnxruntime import _device_providers
+    from ssd_core import ConfigError
+
+    assert _device_providers("cuda:2")[0] == ("CUDAExecutionProvider", {"device_id": 2})
+    with pytest.raises(ConfigError):
+        _device_providers("tpu")
+    with pytest.raises(ConfigError):
+        _device_providers("cuda:x")
