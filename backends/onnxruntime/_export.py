@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ssd_core import ConfigError
@@ -262,10 +263,10 @@ def export_module(
             outputs.append(f"present.{i}.{part}")
             axes[inputs[-1]] = {0: "batch", 2: "past_sequence"}
             axes[outputs[-1]] = {0: "batch", 2: "total_sequence"}
-    import warnings
-
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # the TorchScript exporter's deprecation notice, and tracer notes on shape math
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             module,
             (ids, mask, pos, *past),
