@@ -7,6 +7,11 @@ import pytest
 
 from ssd_core import BackendContractError, CapacityError, HandleError, InputError, Model
 
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytest.importorskip("torch")  # the fixtures are exported from torch
+
+
 TOL = 1e-4
 PROMPT = [3, 17, 42, 8, 5, 77, 1]
 

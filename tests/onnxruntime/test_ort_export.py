@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import onnx
 import pytest
 
-from backends.onnxruntime import (
+from ssd_core import ConfigError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytest.importorskip("torch")  # the fixtures are exported from torch
+
+import onnx  # noqa: E402
+
+from backends.onnxruntime import (  # noqa: E402
     MAX_IR_VERSION,
     build_tiny_llama,
     export_test_pair,
     export_tiny_llama,
     parse_spec,
 )
-from ssd_core import ConfigError
 
 
 def test_ir_version_and_metadata(onnx_files):

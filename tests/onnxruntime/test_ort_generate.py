@@ -6,6 +6,11 @@ import pytest
 
 from ssd_core import SamplingParams, SSDConfig, generate, load_backend
 
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytest.importorskip("torch")  # the fixtures are exported from torch
+
+
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = [[3, 17, 42], [5], [60, 61, 62, 63, 1]]
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.onnxruntime import export_module, from_hf_llama
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytest.importorskip("torch")  # the fixtures are exported from torch
+
+from backends.onnxruntime import export_module, from_hf_llama  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnxruntime
 import pytest
 
-from backends.onnxruntime import CPU, CUDA, OrtModel, create_session
-from backends.onnxruntime._runner import BoundRunner, PlainRunner
 from ssd_core import ConfigError
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytest.importorskip("torch")  # the fixtures are exported from torch
+
+from backends.onnxruntime import CPU, CUDA, OrtModel, create_session  # noqa: E402
+from backends.onnxruntime._runner import BoundRunner, PlainRunner  # noqa: E402
 
 
 class FallbackSession:
