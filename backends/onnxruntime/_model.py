@@ -122,8 +122,12 @@ class OrtModel:
         on_cuda = self.provider == CUDA
         if batching == "auto":
             batching = "padded"
-        if batching == "padded" and not (self.signature.has_mask or not self.signature.has_cache):
-            _log.info("%s: graph has no attention_mask; using sequential batching", name)
+        sig = self.signature
+        if batching == "padded" and sig.has_cache and not (sig.has_mask and sig.has_positions):
+            # a left-padded past needs a mask to hide it and explicit positions after it
+            _log.info(
+                "%s: graph lacks attention_mask or position_ids; using sequential batching", name
+            )
             batching = "sequential"
         self.batching = batching
         self.io_binding = on_cuda if io_binding is None else bool(io_binding)

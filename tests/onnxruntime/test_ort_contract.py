@@ -281,3 +281,27 @@ def test_runs_release_no_state_between_models(onnx_files, oh):
     a, b = oh.load(onnx_files["target"]), oh.load(onnx_files["target"])
     ha, hb = a.open([1]), b.open([1])
     np.testing.assert_array_equal(a.extend([(ha, [2])]), b.extend([(hb, [2])]))
+
+
+class _NoPositions:
+    """A session proxy that hides the position_ids input (and drops it from the feeds)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def get_inputs(self):
+        return [i for i in self._real.get_inputs() if i.name != "position_ids"]
+
+    def run(self, names, feeds):
+        raise AssertionError("not run in this test")
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_padding_needs_positions_for_cached_graphs(onnx_files, oh):
+    from backends.onnxruntime import OrtModel
+
+    real = oh.load(onnx_files["target"])._session
+    m = OrtModel(_NoPositions(real), name="nopos", batching="padded")
+    assert m.batching == "sequential" and not m.signature.has_positions
