@@ -266,7 +266,7 @@ def export_module(
     with warnings.catch_warnings(), torch.no_grad():
         # the TorchScript exporter's deprecation notice, and tracer notes on shape math
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=getattr(torch.jit, "TracerWarning", UserWarning))
         torch.onnx.export(
             module,
             (ids, mask, pos, *past),
@@ -410,11 +410,12 @@ def from_hf_llama(hf_model: Any, *, kv_cache: bool = True) -> torch.nn.Module:
         "up": "mlp.up_proj",
         "down": "mlp.down_proj",
     }
+    dst: Any = module  # attribute access on the nested TinyLlama class
     with torch.no_grad():
-        module.embed.weight.copy_(src.embed_tokens.weight.float())
-        module.norm.weight.copy_(src.norm.weight.float())
-        module.head.weight.copy_(hf_model.lm_head.weight.float())
-        for mine, theirs in zip(module.layers, src.layers, strict=True):
+        dst.embed.weight.copy_(src.embed_tokens.weight.float())
+        dst.norm.weight.copy_(src.norm.weight.float())
+        dst.head.weight.copy_(hf_model.lm_head.weight.float())
+        for mine, theirs in zip(dst.layers, src.layers, strict=True):
             for a, b in names.items():
                 getattr(mine, a).weight.copy_(theirs.get_submodule(b).weight.float())
     return module.eval()
