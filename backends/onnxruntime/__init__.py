@@ -161,4 +161,5 @@ BACKEND = BackendSpec(
     default_target="onnxruntime:tiny-target",
     default_draft="onnxruntime:tiny-draft",
     description="decoder-only ONNX graphs with a KV cache on onnxruntime (CUDA provider, CPU fallback)",
+    conformance_target="onnxruntime:tiny-target",
 )
