@@ -33,6 +33,7 @@ IN_HOUSE = {
     "reference": "backends.reference:BACKEND",
     "llama_cpp": "backends.llama_cpp:BACKEND",
     "ngram": "backends.ngram:BACKEND",
+    "onnxruntime": "backends.onnxruntime:BACKEND",
 }
 
 
