@@ -98,7 +98,9 @@ class _Run:
                     f"match the target's ({getattr(target, 'name', 'target')}: {vocab})"
                 )
         if mode == "ssd" and draft is not None:
-            _check_handle_budget(draft, config, len(prompts) if isinstance(prompts, Sequence) else 0)
+            _check_handle_budget(
+                draft, config, len(prompts) if isinstance(prompts, Sequence) else 0
+            )
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise InputError("prompts must be a non-empty list of token-id lists")
         checked: list[list[int]] = []

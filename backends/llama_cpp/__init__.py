@@ -63,7 +63,8 @@ BACKEND = BackendSpec(
 
 
 def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
-    """The bundled prompt set (``prompts.json``: code, chat, math, prose, rewrite).
+    """The project's prompt set (``ssd_core/bench_prompts.json``: code, chat, math,
+    prose, rewrite), the one ``ssd bench`` uses.
 
     Args:
         model: if given, each entry gains ``"tokens"``: the prompt tokenised with the
@@ -75,7 +76,7 @@ def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
     import json
     from importlib.resources import files
 
-    data = json.loads(files(__package__).joinpath("prompts.json").read_text("utf-8"))
+    data = json.loads(files("ssd_core").joinpath("bench_prompts.json").read_text("utf-8"))
     prompts: list[dict[str, Any]] = [dict(p) for p in data["prompts"]]
     if model is not None:
         tok = model.tokenizer
