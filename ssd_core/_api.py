@@ -97,6 +97,10 @@ class _Run:
                     f"draft vocabulary ({getattr(draft, 'name', 'draft')}: {draft_vocab}) does not "
                     f"match the target's ({getattr(target, 'name', 'target')}: {vocab})"
                 )
+        if mode == "ssd" and draft is not None:
+            _check_handle_budget(
+                draft, config, len(prompts) if isinstance(prompts, Sequence) else 0
+            )
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise InputError("prompts must be a non-empty list of token-id lists")
         checked: list[list[int]] = []
@@ -218,6 +222,22 @@ class Stream:
     @property
     def finished(self) -> bool:
         return self._finished
+
+
+def _check_handle_budget(draft: Any, config: SSDConfig, batch: int) -> None:
+    """SSD keeps a draft handle per sequence plus one per cached branch."""
+    limit = getattr(draft, "max_handles", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    trees = [config.fanout, config.fanout_after_backup]
+    tree = max(f if isinstance(f, int) else sum(f) for f in trees if f is not None)
+    need = batch * (1 + tree)
+    if need > limit:
+        raise ConfigError(
+            f"ssd with fan-out {tree} for {batch} sequence(s) keeps up to {need} draft handles "
+            f"open, but the draft ({getattr(draft, 'name', 'draft')}) holds at most {limit}; "
+            "lower the fan-out or raise the draft's handle limit (llama.cpp: n_seq_max)"
+        )
 
 
 def _vocab_size(model: Any, role: str) -> int:

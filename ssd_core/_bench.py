@@ -26,10 +26,12 @@ __all__ = ["aggregate", "default_prompts", "run_bench"]
 log = logging.getLogger("ssd_core.bench")
 
 
-def default_prompts() -> list[dict[str, str]]:
-    """The bundled prompt set: code, chat, math, prose and rewrite prompts."""
-    text = resources.files("ssd_core").joinpath("bench_prompts.json").read_text()
-    return list(json.loads(text))
+def default_prompts() -> list[dict[str, Any]]:
+    """The bundled prompt set: code, chat, math, prose and rewrite prompts. Each entry
+    has ``id``, ``kind``, ``text`` and ``chat`` (apply the chat template when the model
+    has one)."""
+    text = resources.files("ssd_core").joinpath("bench_prompts.json").read_text("utf-8")
+    return list(json.loads(text)["prompts"])
 
 
 def aggregate(runs: Sequence[Metrics]) -> dict[str, float]:
@@ -118,20 +120,24 @@ def run_bench(args: argparse.Namespace) -> int:
     target, draft = load_models(args, need_draft=any(m != "ar" for m in modes))
     try:
         raw = json.loads(Path(args.prompts).read_text()) if args.prompts else default_prompts()
-        items = [r["prompt"] if isinstance(r, dict) else r for r in raw]
+        if isinstance(raw, dict):
+            raw = raw["prompts"]
+        entries = [r if isinstance(r, dict) else {"text": r, "chat": False} for r in raw]
         if args.limit:
-            items = items[: args.limit]
-        if getattr(target, "tokenizer", None) is None:
-            # Id-only models: derive short id prompts from the text deterministically.
-            v = target.vocab_size
-            prompts = [
-                [(ord(c) * 7 + i) % v for i, c in enumerate(str(t)[:12])] or [1] for t in items
-            ]
-        else:
-            prompts = [
-                p if isinstance(p, list) else encode_prompt(target, p, chat=args.chat)
-                for p in items
-            ]
+            entries = entries[: args.limit]
+        has_template = getattr(target, "apply_chat_template", None) is not None
+        prompts: list[list[int]] = []
+        for e in entries:
+            text = e["text"]
+            if isinstance(text, list):
+                prompts.append([int(t) for t in text])
+            elif getattr(target, "tokenizer", None) is None:
+                # Id-only models: short id prompts derived from the text, deterministically.
+                v = target.vocab_size
+                prompts.append([(ord(c) * 7 + i) % v for i, c in enumerate(text[:12])] or [1])
+            else:
+                chat = args.chat or (bool(e.get("chat")) and has_template)
+                prompts.append(encode_prompt(target, text, chat=chat))
 
         results: dict[str, list[Metrics]] = {}
         tokens: dict[str, list[list[int]]] = {}
@@ -204,6 +210,6 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     finally:
         for m in (target, draft):
-            close = getattr(m, "shutdown", None)
+            close = getattr(m, "free", None)
             if callable(close):
                 close()

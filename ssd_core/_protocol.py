@@ -58,6 +58,9 @@ class Model(Protocol):
     * ``context_size`` -- the most tokens one handle may hold, or ``None`` if unbounded.
       The core stops a sequence with finish reason ``"length"`` before exceeding it.
     * ``tokenizer`` -- a :class:`Tokenizer`, or ``None`` for id-only models.
+    * ``max_handles`` (optional) -- the most handles that may be open at once, if the
+      backend has such a limit. SSD keeps ``1 + fan-out`` draft handles per sequence;
+      :func:`~ssd_core.generate` refuses a configuration that needs more.
 
     Threads: the core calls one model from one thread at a time, but the threaded
     driver calls the draft and the target from two threads at once. A backend that
@@ -75,10 +78,14 @@ class Model(Protocol):
       up to the backend's documented tolerance.
     * keep handles independent: extending or truncating one handle never changes what
       another handle (parent, child or sibling) holds.
+    * leave every handle unchanged when a call raises (an invalid id, a closed handle
+      or a capacity overflow anywhere in an ``extend`` batch rejects the whole batch).
 
     May:
 
-    * compute lazily, share prefixes copy-on-write, pad batches, reuse freed slots.
+    * compute lazily, share prefixes copy-on-write, pad batches, reuse freed slots;
+    * offer ``free()`` to release the whole model (engine context, weights) at once;
+      the ``ssd`` command calls it when it is done with a model.
 
     Raises:
 

@@ -31,6 +31,9 @@ GROUP = "ssd.backends"
 #: Entry points with the same name take precedence.
 IN_HOUSE = {
     "reference": "backends.reference:BACKEND",
+    "llama_cpp": "backends.llama_cpp:BACKEND",
+    "ngram": "backends.ngram:BACKEND",
+    "onnxruntime": "backends.onnxruntime:BACKEND",
     "torch": "backends.torch:BACKEND",
 }
 
@@ -47,6 +50,9 @@ class BackendSpec:
         default_target: the spec used when ``--target`` is not given, or ``None``.
         default_draft: the spec used when ``--draft`` is not given, or ``None``.
         description: one line for ``ssd backends``.
+        conformance_target: a small model spec the conformance suite's fast tier
+            builds (e.g. a tiny random-weight model the backend writes itself), or
+            ``None`` to check the default model in the slow tier only.
     """
 
     name: str
@@ -54,6 +60,7 @@ class BackendSpec:
     default_target: str | None = None
     default_draft: str | None = None
     description: str = ""
+    conformance_target: str | None = None
 
 
 def available_backends() -> dict[str, str]:

@@ -101,10 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="AR, SD and SSD on the same prompts; table, JSON and plot")
     bench.add_argument("--modes", default="ar,sd,ssd", help="comma list of modes")
-    bench.add_argument("--prompts", help="JSON file: a list of strings (or of token-id lists)")
+    bench.add_argument(
+        "--prompts",
+        help="JSON file: a list of strings or token-id lists, or "
+        '{"prompts": [{"text": ..., "chat": bool}, ...]}',
+    )
     bench.add_argument("--limit", type=int, help="use only the first N prompts")
     bench.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
-    bench.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    bench.add_argument(
+        "--chat",
+        action="store_true",
+        help="apply the chat template to every prompt (default: where the prompt set says so)",
+    )
     _add_model_args(bench)
     _add_decode_args(bench)
 
@@ -194,7 +202,7 @@ def encode_prompt(target: Model, text: str | None, *, chat: bool) -> list[int]:
 
 def _close_models(*models: Model | None) -> None:
     for m in models:
-        close = getattr(m, "shutdown", None)
+        close = getattr(m, "free", None)
         if callable(close):
             close()
 

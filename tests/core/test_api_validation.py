@@ -110,3 +110,12 @@ def test_unknown_fallback_is_its_own_error():
 def test_bad_sampling(kwargs, text):
     with pytest.raises(ConfigError, match=text):
         SamplingParams(**kwargs)
+
+
+def test_ssd_refuses_a_fanout_the_draft_cannot_hold(models):
+    target, draft = models
+    draft.max_handles = 10
+    with pytest.raises(ConfigError, match="holds at most 10"):
+        generate(target, draft, prompts=[[1], [2]], mode="ssd", config=SSDConfig(k=2, fanout=6))
+    assert draft.calls == []
+    generate(target, draft, prompts=[[1]], mode="ssd", max_new_tokens=4, config=SSDConfig(k=2, fanout=6))

@@ -95,3 +95,15 @@ def test_bad_input_exits_2_with_a_message(argv, text, capsys):
 def test_backends_lists_reference(capsys):
     assert main(["backends"]) == 0
     assert "reference" in capsys.readouterr().out
+
+
+def test_bench_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc = main(["bench", "--backend", "reference", "--max-new-tokens", "8", "--limit", "2",
+               "--driver", "sequential", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "greedy outputs identical across modes: True" in out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["modes"]) == {"ar", "sd", "ssd"} and report["prompts"] == 2
+    assert (tmp_path / "bench.png").stat().st_size > 0

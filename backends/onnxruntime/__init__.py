@@ -1,0 +1,165 @@
+"""The ONNX Runtime backend: decoder-only ONNX graphs on CUDA, with CPU fallback.
+
+``OrtModel.from_file("model.onnx")`` runs a graph with the Hugging Face / Optimum I/O
+convention (``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values.N.key/value`` -> ``logits``, ``present.N.key/value``; see
+``docs/onnxruntime.md``). The CUDA execution provider is used when it really loads,
+the CPU provider otherwise; ``model.provider`` says which.
+
+Model specs for the CLI: ``onnxruntime:PATH`` or
+``onnxruntime:path=PATH,batching=padded,threads=2,context=256,providers=CPUExecutionProvider``;
+``onnxruntime:tiny-target`` / ``tiny-draft`` (the defaults) export the tiny random test
+pair to a temporary folder on first use (needs torch and onnx).
+
+This package imports ``onnxruntime`` (the real one: imports here are absolute, and the
+package's full name is ``backends.onnxruntime``); ``torch``/``onnx`` only in the exporter.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from ssd_core import BackendSpec, ConfigError
+
+from ._export import (
+    MAX_IR_VERSION,
+    OPSET,
+    build_tiny_llama,
+    export_module,
+    export_test_pair,
+    export_tiny_llama,
+    from_hf_llama,
+)
+from ._model import BATCHING, OrtModel
+from ._providers import CPU, CUDA, ProviderChoice, create_session
+from ._signature import GraphSignature, read_signature
+
+__all__ = [
+    "BACKEND",
+    "BATCHING",
+    "BUILTIN",
+    "CPU",
+    "CUDA",
+    "MAX_IR_VERSION",
+    "OPSET",
+    "GraphSignature",
+    "OrtModel",
+    "ProviderChoice",
+    "build_tiny_llama",
+    "create_session",
+    "export_module",
+    "export_test_pair",
+    "export_tiny_llama",
+    "from_hf_llama",
+    "parse_spec",
+    "read_signature",
+]
+
+_INT_KEYS = {
+    "threads": "threads",
+    "context": "context_size",
+    "context_size": "context_size",
+    "vocab": "vocab_size",
+    "vocab_size": "vocab_size",
+    "max_handles": "max_handles",
+}
+
+
+def parse_spec(args: str) -> dict[str, Any]:
+    """Parse ``PATH`` or ``path=PATH,key=value,...`` into :meth:`OrtModel.from_file` arguments.
+
+    Keys: ``path``, ``threads``, ``context``, ``vocab``, ``max_handles``, ``batching``,
+    ``name``, ``providers`` (``+``-separated provider names), ``io_binding`` and
+    ``spinning`` (0/1).
+
+    Raises:
+        ConfigError: an unknown key, a bad value, or no path.
+    """
+    out: dict[str, Any] = {}
+    parts = [p.strip() for p in args.split(",") if p.strip()]
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep:
+            if "path" in out:
+                raise ConfigError(f"onnxruntime spec item {part!r} is not key=value")
+            out["path"] = part
+            continue
+        try:
+            if key in _INT_KEYS:
+                out[_INT_KEYS[key]] = int(value)
+            elif key in ("path", "batching", "name"):
+                out[key] = value
+            elif key == "providers":
+                out["providers"] = [p for p in value.split("+") if p]
+            elif key in ("io_binding", "spinning"):
+                out[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                raise ConfigError(
+                    f"unknown onnxruntime spec key {key!r}; known: path, batching, name, providers, "
+                    f"io_binding, spinning, {', '.join(sorted(_INT_KEYS))}"
+                )
+        except ValueError as exc:
+            raise ConfigError(f"onnxruntime spec {key}={value!r}: {exc}") from None
+    if "path" not in out:
+        raise ConfigError("onnxruntime spec needs an .onnx path: onnxruntime:PATH[,key=value...]")
+    return out
+
+
+#: Built-in spec names: the tiny random test pair, exported on first use (needs torch).
+BUILTIN = ("tiny-target", "tiny-draft")
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_pair() -> tuple[str, str]:
+    folder = tempfile.mkdtemp(prefix="ssd-onnx-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return export_test_pair(folder)
+
+
+def _device_providers(device: str) -> list[Any] | None:
+    """``cpu`` -> CPU only; ``cuda`` / ``cuda:N`` -> CUDA device N, then CPU."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return [CPU]
+    if kind == "cuda":
+        try:
+            return [(CUDA, {"device_id": int(index or 0)}), CPU]
+        except ValueError:
+            raise ConfigError(f"bad device {device!r}; use cpu, cuda or cuda:N") from None
+    raise ConfigError(f"bad device {device!r}; use cpu, cuda or cuda:N")
+
+
+def _load(args: str, options: Mapping[str, Any]) -> OrtModel:
+    """``onnxruntime:PATH[,key=value...]`` or ``onnxruntime:tiny-target`` / ``tiny-draft``.
+
+    The CLI's ``threads``, ``n_ctx`` and ``device`` options apply where the spec does not
+    set threads, context or providers.
+    """
+    if args.strip() in BUILTIN:
+        target, draft = _tiny_pair()
+        args = target if args.strip() == "tiny-target" else draft
+    kw = parse_spec(args)
+    if options.get("threads") is not None:
+        kw.setdefault("threads", int(options["threads"]))
+    if options.get("n_ctx") is not None:
+        kw.setdefault("context_size", int(options["n_ctx"]))
+    if options.get("device") is not None and "providers" not in kw:
+        kw["providers"] = _device_providers(str(options["device"]))
+    path = kw.pop("path")
+    return OrtModel.from_file(path, **kw)
+
+
+BACKEND = BackendSpec(
+    name="onnxruntime",
+    load=_load,
+    default_target="onnxruntime:tiny-target",
+    default_draft="onnxruntime:tiny-draft",
+    description="decoder-only ONNX graphs with a KV cache on onnxruntime (CUDA provider, CPU fallback)",
+    conformance_target="onnxruntime:tiny-target",
+)

@@ -1,0 +1,421 @@
+"""Tiny random-weight Llama-style models, exported to ONNX with explicit KV-cache I/O.
+
+These are test fixtures and a worked example of the graph signature
+:class:`~backends.onnxruntime.OrtModel` expects (see ``docs/onnxruntime.md``). The
+architecture follows Llama: RMSNorm, rotary position embeddings computed from
+``position_ids``, grouped-query attention, a SwiGLU MLP and an untied output head.
+
+Masking is by *slot*: query ``j`` of a call sits in slot ``past_len + j`` and sees key
+slot ``s`` iff ``s <= past_len + j`` and ``attention_mask[s] == 1``. Positions come only
+from ``position_ids``, so a left-padded past and right-padded new tokens give the same
+logits for the real tokens as an unpadded call.
+
+torch and onnx are imported when a function here is called, never at package import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from ssd_core import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "MAX_IR_VERSION",
+    "from_hf_llama",
+    "OPSET",
+    "build_tiny_llama",
+    "export_module",
+    "export_test_pair",
+    "export_tiny_llama",
+]
+
+_log = logging.getLogger(__name__)
+
+#: The highest ONNX IR version onnxruntime 1.31 reads (onnx >= 1.23 writes 14 by default).
+MAX_IR_VERSION = 13
+#: The opset the exporter writes.
+OPSET = 17
+
+
+def build_tiny_llama(
+    *,
+    vocab_size: int = 96,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    context_size: int = 128,
+    rope_theta: float = 10000.0,
+    rms_eps: float = 1e-6,
+    scale: float = 0.3,
+    seed: int = 0,
+    kv_cache: bool = True,
+) -> torch.nn.Module:
+    """Build a random-weight tiny Llama as a plain ``torch.nn.Module``.
+
+    Its ``forward(input_ids, attention_mask, position_ids, *past)`` returns
+    ``(logits, *present)`` with ``past``/``present`` ordered ``layer0.key, layer0.value,
+    layer1.key, ...``, each ``[batch, num_kv_heads, length, head_dim]``. With
+    ``kv_cache=False`` it takes no past and returns only the logits.
+
+    Args:
+        vocab_size: number of tokens.
+        hidden_size: model width, divisible by ``num_heads``.
+        intermediate_size: MLP width.
+        num_layers: decoder layers.
+        num_heads: query heads.
+        num_kv_heads: key/value heads; divides ``num_heads``.
+        context_size: recorded as the model's context size (rotary positions are not
+            bounded, but the exported graph advertises this limit).
+        rope_theta: rotary base.
+        rms_eps: RMSNorm epsilon.
+        scale: standard deviation of the random weights; larger is peakier.
+        seed: weights are drawn from a generator seeded with this.
+        kv_cache: whether the module takes and returns the KV cache.
+
+    Returns:
+        The module, in eval mode.
+
+    Raises:
+        ConfigError: inconsistent sizes.
+    """
+    import torch
+    from torch import nn
+
+    if vocab_size < 1 or num_layers < 1 or context_size < 1:
+        raise ConfigError("vocab_size, num_layers and context_size must be >= 1")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ConfigError(
+            f"hidden_size {hidden_size} must divide by num_heads {num_heads}, "
+            f"which must divide by num_kv_heads {num_kv_heads}"
+        )
+    head_dim = hidden_size // num_heads
+    if head_dim % 2:
+        raise ConfigError(f"head_dim {head_dim} must be even for rotary embeddings")
+
+    class RMSNorm(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            var = x.pow(2).mean(-1, keepdim=True)
+            return x * torch.rsqrt(var + rms_eps) * self.weight
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_norm = RMSNorm(hidden_size)
+            self.q = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+            self.k = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+            self.v = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+            self.o = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+            self.post_norm = RMSNorm(hidden_size)
+            self.gate = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+        def forward(
+            self,
+            x: torch.Tensor,
+            cos: torch.Tensor,
+            sin: torch.Tensor,
+            bias: torch.Tensor,
+            past_k: torch.Tensor | None,
+            past_v: torch.Tensor | None,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            b, t, _ = x.shape
+            h = self.input_norm(x)
+            q = self.q(h).view(b, t, num_heads, head_dim).transpose(1, 2)
+            k = self.k(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+            v = self.v(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            if past_k is not None and past_v is not None:
+                k = torch.cat([past_k, k], dim=2)
+                v = torch.cat([past_v, v], dim=2)
+            rep = num_heads // num_kv_heads
+            kk = k.repeat_interleave(rep, dim=1)
+            vv = v.repeat_interleave(rep, dim=1)
+            scores = (q @ kk.transpose(-1, -2)) / (head_dim**0.5) + bias
+            att = torch.softmax(scores, dim=-1) @ vv
+            x = x + self.o(att.transpose(1, 2).reshape(b, t, num_heads * head_dim))
+            h = self.post_norm(x)
+            x = x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+            return x, k, v
+
+    class TinyLlama(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vocab_size = vocab_size
+            self.context_size = context_size
+            self.num_layers = num_layers
+            self.num_kv_heads = num_kv_heads
+            self.head_dim = head_dim
+            self.kv_cache = kv_cache
+            self.embed = nn.Embedding(vocab_size, hidden_size)
+            self.layers = nn.ModuleList(Layer() for _ in range(num_layers))
+            self.norm = RMSNorm(hidden_size)
+            self.head = nn.Linear(hidden_size, vocab_size, bias=False)
+            inv = 1.0 / (
+                rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+            )
+            self.register_buffer("inv_freq", inv, persistent=False)
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor,
+            *past: torch.Tensor,
+        ) -> tuple[torch.Tensor, ...]:
+            t = input_ids.shape[1]
+            total = attention_mask.shape[1]
+            p = total - t
+            x = self.embed(input_ids)
+            inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
+            freqs = position_ids.to(torch.float32)[:, :, None] * inv_freq[None, None, :]
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+            # slot-causal mask combined with the padding mask, as an additive bias
+            q_slot = torch.arange(t, device=x.device)[:, None] + p
+            k_slot = torch.arange(total, device=x.device)[None, :]
+            allowed = (k_slot <= q_slot)[None] & (attention_mask[:, None, :] > 0)
+            neg = torch.finfo(x.dtype).min
+            bias = torch.where(
+                allowed, torch.zeros((), dtype=x.dtype), torch.full((), neg, dtype=x.dtype)
+            )
+            bias = bias[:, None]
+            present: list[torch.Tensor] = []
+            for i, layer in enumerate(self.layers):
+                pk = past[2 * i] if self.kv_cache else None
+                pv = past[2 * i + 1] if self.kv_cache else None
+                x, k, v = layer(x, cos, sin, bias, pk, pv)
+                present += [k, v]
+            logits = self.head(self.norm(x))
+            return (logits, *present) if self.kv_cache else (logits,)
+
+    gen = torch.Generator().manual_seed(seed)
+    model = TinyLlama()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def export_module(
+    module: torch.nn.Module, path: str | os.PathLike[str], *, name: str = "tiny-llama"
+) -> str:
+    """Export a module built by :func:`build_tiny_llama` to ``path``.
+
+    The graph gets the I/O names OrtModel expects, dynamic batch/sequence/past axes,
+    opset :data:`OPSET`, IR version at most :data:`MAX_IR_VERSION`, and metadata
+    ``context_size`` and ``name``.
+
+    Args:
+        module: the module (its ``kv_cache``, ``num_layers``, ``num_kv_heads``,
+            ``head_dim``, ``context_size`` attributes describe it).
+        path: where to write the ``.onnx`` file.
+        name: stored as the model's name in the graph metadata.
+
+    Returns:
+        The path written, as a string.
+    """
+    import onnx
+    import torch
+
+    path = os.fspath(path)
+    n_layers, kv_heads, head_dim = (
+        int(module.num_layers),  # type: ignore[arg-type]
+        int(module.num_kv_heads),  # type: ignore[arg-type]
+        int(module.head_dim),  # type: ignore[arg-type]
+    )
+    kv = bool(module.kv_cache)
+    ids = torch.zeros((1, 3), dtype=torch.int64)
+    pos = torch.arange(3, dtype=torch.int64)[None] + (2 if kv else 0)
+    mask = torch.ones((1, 5 if kv else 3), dtype=torch.int64)
+    past = [torch.zeros((1, kv_heads, 2, head_dim)) for _ in range(2 * n_layers)] if kv else []
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    for i in range(n_layers if kv else 0):
+        for part in ("key", "value"):
+            inputs.append(f"past_key_values.{i}.{part}")
+            outputs.append(f"present.{i}.{part}")
+            axes[inputs[-1]] = {0: "batch", 2: "past_sequence"}
+            axes[outputs[-1]] = {0: "batch", 2: "total_sequence"}
+    with warnings.catch_warnings(), torch.no_grad():
+        # the TorchScript exporter's deprecation notice, and tracer notes on shape math
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=getattr(torch.jit, "TracerWarning", UserWarning))
+        torch.onnx.export(
+            module,
+            (ids, mask, pos, *past),
+            path,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    proto = onnx.load(path)
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    meta = {"context_size": str(module.context_size), "name": name}
+    for prop in list(proto.metadata_props):
+        if prop.key in meta:
+            proto.metadata_props.remove(prop)
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
+    _log.info("exported %s (%d layers, kv_cache=%s) to %s", name, n_layers, kv, path)
+    return path
+
+
+def export_tiny_llama(
+    path: str | os.PathLike[str], *, name: str = "tiny-llama", **kwargs: Any
+) -> str:
+    """Build a random tiny Llama (:func:`build_tiny_llama`) and export it to ONNX.
+
+    Args:
+        path: where to write the ``.onnx`` file.
+        name: stored in the graph metadata; becomes ``OrtModel.name``.
+        **kwargs: passed to :func:`build_tiny_llama` (``vocab_size``, ``num_layers``,
+            ``seed``, ``kv_cache``, ...).
+
+    Returns:
+        The path written, as a string.
+
+    Raises:
+        ConfigError: inconsistent sizes.
+    """
+    return export_module(build_tiny_llama(**kwargs), path, name=name)
+
+
+def export_test_pair(
+    directory: str | os.PathLike[str], *, vocab_size: int = 96, context_size: int = 128
+) -> tuple[str, str]:
+    """Export the small target/draft pair the tests and the conformance suite use.
+
+    The target has 2 layers (width 32), the draft 1 layer (width 16), same vocabulary.
+
+    Args:
+        directory: an existing folder to write ``target.onnx`` and ``draft.onnx`` into.
+        vocab_size: shared vocabulary size.
+        context_size: recorded context size of both graphs.
+
+    Returns:
+        ``(target_path, draft_path)``.
+    """
+    common = dict(vocab_size=vocab_size, context_size=context_size, scale=0.3)
+    target = export_tiny_llama(
+        os.path.join(directory, "target.onnx"),
+        name="target",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=1,
+        **common,
+    )
+    draft = export_tiny_llama(
+        os.path.join(directory, "draft.onnx"),
+        name="draft",
+        num_layers=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        num_kv_heads=1,
+        seed=2,
+        **common,
+    )
+    return target, draft
+
+
+def from_hf_llama(hf_model: Any, *, kv_cache: bool = True) -> torch.nn.Module:
+    """Copy a Hugging Face ``LlamaForCausalLM`` into the exportable module.
+
+    The result computes the same logits (float32) with the explicit KV-cache signature,
+    so :func:`export_module` can write it to ONNX; e.g. SmolLM2 loaded through
+    transformers (``gguf_file=``) becomes an ONNX graph without an exporter for
+    transformers' cache classes. Supported: the plain Llama architecture (no bias, no
+    rope scaling, ``head_dim == hidden_size / num_attention_heads``), tied or untied
+    embeddings.
+
+    Args:
+        hf_model: a ``transformers.LlamaForCausalLM`` (or a model with the same layout).
+        kv_cache: export with or without the KV cache.
+
+    Returns:
+        The module, in eval mode, float32.
+
+    Raises:
+        ConfigError: a configuration this copy does not support.
+    """
+    import torch
+
+    cfg = hf_model.config
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if head_dim * heads != cfg.hidden_size:
+        raise ConfigError(f"head_dim {head_dim} x heads {heads} != hidden_size {cfg.hidden_size}")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise ConfigError("Llama models with attention/MLP biases are not supported")
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ConfigError(f"rope scaling {rope} is not supported")
+    theta = getattr(cfg, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+    module = build_tiny_llama(
+        vocab_size=int(cfg.vocab_size),
+        hidden_size=int(cfg.hidden_size),
+        intermediate_size=int(cfg.intermediate_size),
+        num_layers=int(cfg.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        context_size=int(cfg.max_position_embeddings),
+        rope_theta=float(theta),
+        rms_eps=float(cfg.rms_norm_eps),
+        kv_cache=kv_cache,
+    )
+    src = hf_model.model
+    names = {
+        "input_norm": "input_layernorm",
+        "post_norm": "post_attention_layernorm",
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+    dst: Any = module  # attribute access on the nested TinyLlama class
+    with torch.no_grad():
+        dst.embed.weight.copy_(src.embed_tokens.weight.float())
+        dst.norm.weight.copy_(src.norm.weight.float())
+        dst.head.weight.copy_(hf_model.lm_head.weight.float())
+        for mine, theirs in zip(dst.layers, src.layers, strict=True):
+            for a, b in names.items():
+                getattr(mine, a).weight.copy_(theirs.get_submodule(b).weight.float())
+    return module.eval()
