@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,7 +100,26 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
     if isinstance(target, TorchModel) and _same_source(options.get("target_args", ""), args):
         # a draft cut from the already-loaded target: copy its weights instead of reloading
         return _copy_of(target, **kw)
-    return TorchModel.from_pretrained(args, **kw)
+    key = (os.path.abspath(args), str(kw["device"]), str(kw["dtype"]), kw.get("keep_layers"))
+    proto = _RECENT.get(key)
+    if proto is None:
+        proto = TorchModel.from_pretrained(args, **kw)
+        _RECENT[key] = proto
+        while len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
+    _RECENT.move_to_end(key)
+    # a fresh model (own handles) over the shared, read-only weights
+    extra = {k: v for k, v in kw.items() if k not in ("device", "dtype", "keep_layers")}
+    extra.setdefault("name", proto.name)
+    extra.setdefault("context_size", proto.context_size)
+    return TorchModel.from_module(proto.network, tokenizer=proto.tokenizer, **extra)
+
+
+#: Recently loaded real models, so repeated loads of one file (the conformance suite
+#: builds a model per check; ``ssd bench`` loads per mode) share weights instead of
+#: re-reading the file. Each load still returns a new TorchModel with its own handles.
+_RECENT: OrderedDict[tuple[Any, ...], TorchModel] = OrderedDict()
+_RECENT_MAX = 2
 
 
 def _same_source(target_args: str, path: str) -> bool:
@@ -128,4 +148,5 @@ BACKEND = BackendSpec(
     default_target="torch:smollm2",
     default_draft="torch:smollm2,layers=25",
     description="PyTorch (CPU/CUDA): Hugging Face causal LMs, GGUF via transformers, plain modules",
+    conformance_target="torch:tiny",
 )
