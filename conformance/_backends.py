@@ -68,6 +68,11 @@ def check_backend(
             opts.setdefault("vocab_size", 64)
     subject = f"backend {name} ({name}:{args})"
 
+    documented = getattr(spec, "conformance_tolerance", None)
+    if documented is not None:
+        kwargs.setdefault("tolerance", documented)
+        kwargs.setdefault("batch_tolerance", documented)
+
     def make_model() -> Model:
         return spec.load(args, opts)
 

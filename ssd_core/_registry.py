@@ -53,6 +53,9 @@ class BackendSpec:
         conformance_target: a small model spec the conformance suite's fast tier
             builds (e.g. a tiny random-weight model the backend writes itself), or
             ``None`` to check the default model in the slow tier only.
+        conformance_tolerance: the largest logits difference the backend documents
+            between two computations of the same tokens (batch shape, cache layout),
+            or ``None`` for the suite's default for the logits' dtype.
     """
 
     name: str
@@ -61,6 +64,7 @@ class BackendSpec:
     default_draft: str | None = None
     description: str = ""
     conformance_target: str | None = None
+    conformance_tolerance: float | None = None
 
 
 def available_backends() -> dict[str, str]:

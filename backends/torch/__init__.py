@@ -149,4 +149,7 @@ BACKEND = BackendSpec(
     default_draft="torch:smollm2,layers=25",
     description="PyTorch (CPU/CUDA): Hugging Face causal LMs, GGUF via transformers, plain modules",
     conformance_target="torch:tiny",
+    # float32 kernels round differently with the batch shape: measured up to 3e-3 on
+    # SmolLM2 between padded batches and single calls (docs/torch.md).
+    conformance_tolerance=5e-3,
 )

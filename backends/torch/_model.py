@@ -89,8 +89,10 @@ class TorchModel:
         tokenizer: a Tokenizer, or ``None``.
         batching: ``"auto"``, ``"pad"`` or ``"loop"`` (see the module docstring).
         use_stream: run on a private stream (default: on CUDA only).
-        check_finite: reject NaN/+inf logits with :class:`BackendContractError` (one
-            device-to-host sync per call).
+        check_finite: reject NaN/+inf logits here with :class:`BackendContractError`
+            (one device-to-host sync per call). Off by default: ``ssd_core`` checks
+            every logits array it receives anyway; turn it on when using the model
+            without the core.
 
     Raises:
         ConfigError: an unknown batching policy or a bad vocabulary size.
@@ -108,7 +110,7 @@ class TorchModel:
         tokenizer: Any = None,
         batching: str = "auto",
         use_stream: bool | None = None,
-        check_finite: bool = True,
+        check_finite: bool = False,
     ) -> None:
         if batching not in _BATCHING:
             raise ConfigError(f"torch backend: batching must be one of {_BATCHING}, got {batching!r}")

@@ -184,11 +184,21 @@ class _NaNModule(torch.nn.Module):
 def test_non_finite_logits_raise(value):
     from backends.torch import TorchModel
 
-    model = TorchModel.from_module(_NaNModule(value))
+    model = TorchModel.from_module(_NaNModule(value), check_finite=True)
     h = model.open([1])
     with pytest.raises(BackendContractError):
         model.extend([(h, [2])])
     assert model.tokens(h) == [1]
+
+
+def test_non_finite_logits_are_caught_by_the_core_by_default():
+    from backends.torch import TorchModel
+    from ssd_core import GenerationError, generate
+
+    model = TorchModel.from_module(_NaNModule(float("nan")))
+    with pytest.raises(GenerationError) as info:
+        generate(model, None, prompts=[[1]], mode="ar", max_new_tokens=2)
+    assert isinstance(info.value.__cause__, BackendContractError)
 
 
 def test_neg_inf_logits_allowed():
