@@ -7,19 +7,20 @@ from typing import Any
 
 from ssd_core import BackendSpec, ConfigError, Model
 
+from .._specs import parse_spec_items
 from ._model import NgramModel
 
 __all__ = ["BACKEND", "NgramModel", "parse_spec"]
 
-_INT_KEYS = {
-    "max_n": "max_n",
-    "n": "max_n",
-    "vocab": "vocab_size",
-    "vocab_size": "vocab_size",
-    "context": "context_size",
-    "context_size": "context_size",
+_KEYS = {
+    "max_n": ("max_n", int),
+    "n": ("max_n", int),
+    "vocab": ("vocab_size", int),
+    "vocab_size": ("vocab_size", int),
+    "context": ("context_size", int),
+    "context_size": ("context_size", int),
+    "alpha": ("alpha", float),
 }
-_FLOAT_KEYS = {"alpha": "alpha"}
 
 
 def parse_spec(args: str) -> dict[str, Any]:
@@ -28,25 +29,7 @@ def parse_spec(args: str) -> dict[str, Any]:
     Raises:
         ConfigError: an item is not ``key=value``, the key is unknown, or the value bad.
     """
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in args.split(","))):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ConfigError(f"ngram spec item {part!r} is not key=value")
-        try:
-            if key in _INT_KEYS:
-                out[_INT_KEYS[key]] = int(value)
-            elif key in _FLOAT_KEYS:
-                out[_FLOAT_KEYS[key]] = float(value)
-            else:
-                known = ", ".join(sorted({*_INT_KEYS, *_FLOAT_KEYS}))
-                raise ConfigError(f"unknown ngram spec key {key!r}; known: {known}")
-        except ValueError as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"ngram spec {key}={value!r}: {exc}") from None
-    return out
+    return parse_spec_items(args, owner="ngram", keys=_KEYS)
 
 
 def _load(args: str, options: Mapping[str, Any]) -> Model:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ssd_core import BackendSpec, ConfigError
 
+from .._specs import flag, parse_spec_items, plus_list
 from ._export import (
     MAX_IR_VERSION,
     OPSET,
@@ -60,13 +61,19 @@ __all__ = [
     "read_signature",
 ]
 
-_INT_KEYS = {
-    "threads": "threads",
-    "context": "context_size",
-    "context_size": "context_size",
-    "vocab": "vocab_size",
-    "vocab_size": "vocab_size",
-    "max_handles": "max_handles",
+_KEYS = {
+    "threads": ("threads", int),
+    "context": ("context_size", int),
+    "context_size": ("context_size", int),
+    "vocab": ("vocab_size", int),
+    "vocab_size": ("vocab_size", int),
+    "max_handles": ("max_handles", int),
+    "path": ("path", str),
+    "batching": ("batching", str),
+    "name": ("name", str),
+    "providers": ("providers", plus_list),
+    "io_binding": ("io_binding", flag),
+    "spinning": ("spinning", flag),
 }
 
 
@@ -80,32 +87,7 @@ def parse_spec(args: str) -> dict[str, Any]:
     Raises:
         ConfigError: an unknown key, a bad value, or no path.
     """
-    out: dict[str, Any] = {}
-    parts = [p.strip() for p in args.split(",") if p.strip()]
-    for part in parts:
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep:
-            if "path" in out:
-                raise ConfigError(f"onnxruntime spec item {part!r} is not key=value")
-            out["path"] = part
-            continue
-        try:
-            if key in _INT_KEYS:
-                out[_INT_KEYS[key]] = int(value)
-            elif key in ("path", "batching", "name"):
-                out[key] = value
-            elif key == "providers":
-                out["providers"] = [p for p in value.split("+") if p]
-            elif key in ("io_binding", "spinning"):
-                out[key] = value.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                raise ConfigError(
-                    f"unknown onnxruntime spec key {key!r}; known: path, batching, name, providers, "
-                    f"io_binding, spinning, {', '.join(sorted(_INT_KEYS))}"
-                )
-        except ValueError as exc:
-            raise ConfigError(f"onnxruntime spec {key}={value!r}: {exc}") from None
+    out = parse_spec_items(args, owner="onnxruntime", keys=_KEYS, positional="path")
     if "path" not in out:
         raise ConfigError("onnxruntime spec needs an .onnx path: onnxruntime:PATH[,key=value...]")
     return out

@@ -5,49 +5,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import BackendSpec, ConfigError, LatencyModel
+from ssd_core import BackendSpec, LatencyModel
 
+from .._specs import flag, parse_spec_items
 from ._model import ReferenceModel
 
 __all__ = ["BACKEND", "ReferenceModel", "parse_spec"]
 
-_INT_KEYS = {
-    "vocab": "vocab_size",
-    "vocab_size": "vocab_size",
-    "order": "order",
-    "seed": "seed",
-    "context": "context_size",
-    "tie_levels": "tie_levels",
-}
-_FLOAT_KEYS = {
-    "peakedness": "peakedness",
-    "zero_fraction": "zero_fraction",
-    "divergence": "divergence",
-    "latency_ms": "latency_ms",
-    "token_ms": "token_ms",
-    "sleep": "sleep",
+_KEYS = {
+    "vocab": ("vocab_size", int),
+    "vocab_size": ("vocab_size", int),
+    "order": ("order", int),
+    "seed": ("seed", int),
+    "context": ("context_size", int),
+    "tie_levels": ("tie_levels", int),
+    "peakedness": ("peakedness", float),
+    "zero_fraction": ("zero_fraction", float),
+    "divergence": ("divergence", float),
+    "latency_ms": ("latency_ms", float),
+    "token_ms": ("token_ms", float),
+    "sleep": ("sleep", flag),
 }
 
 
 def parse_spec(args: str) -> dict[str, Any]:
     """Parse ``vocab=64,order=2,seed=1`` into constructor arguments."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in args.split(","))):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ConfigError(f"reference spec item {part!r} is not key=value")
-        try:
-            if key in _INT_KEYS:
-                out[_INT_KEYS[key]] = int(value)
-            elif key in _FLOAT_KEYS:
-                out[_FLOAT_KEYS[key]] = float(value)
-            else:
-                known = ", ".join(sorted({*_INT_KEYS, *_FLOAT_KEYS}))
-                raise ConfigError(f"unknown reference spec key {key!r}; known: {known}")
-        except ValueError as exc:
-            raise ConfigError(f"reference spec {key}={value!r}: {exc}") from None
-    return out
+    return parse_spec_items(args, owner="reference", keys=_KEYS)
 
 
 def _load(args: str, options: Mapping[str, Any]) -> ReferenceModel:
@@ -65,7 +48,7 @@ def _load(args: str, options: Mapping[str, Any]) -> ReferenceModel:
     context_size = kw.pop("context_size", None)
     latency_ms = kw.pop("latency_ms", 0.0)
     token_ms = kw.pop("token_ms", 0.0)
-    sleep = bool(kw.pop("sleep", 1.0))
+    sleep = kw.pop("sleep", True)
     extra: dict[str, Any] = {"context_size": context_size, "sleep": sleep}
     if latency_ms or token_ms:
         extra["latency"] = LatencyModel(

@@ -23,6 +23,7 @@ from typing import Any
 
 from ssd_core import BackendSpec, ConfigError
 
+from .._specs import parse_spec_items
 from ._model import TorchModel
 from ._runners import PLAIN_FORWARD_DOC
 from ._tiny import TinyTransformer
@@ -47,21 +48,17 @@ def bundled_smollm2() -> str | None:
     return None
 
 
-_TINY_KEYS = {"vocab": "vocab_size", "vocab_size": "vocab_size", "dim": "dim", "heads": "heads",
-              "layers": "layers", "seed": "seed", "context": "max_positions"}
+_TINY_KEYS = {
+    key: (name, int)
+    for key, name in (("vocab", "vocab_size"), ("vocab_size", "vocab_size"), ("dim", "dim"),
+                      ("heads", "heads"), ("layers", "layers"), ("seed", "seed"),
+                      ("context", "max_positions"))
+}
+_MODEL_KEYS = {"layers": ("keep_layers", int)}
 
 
 def _parse_tiny(args: str) -> dict[str, int]:
-    out = {}
-    for part in filter(None, (p.strip() for p in args.split(",")[1:])):
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in _TINY_KEYS:
-            raise ConfigError(f"torch tiny spec item {part!r}; known keys: {', '.join(_TINY_KEYS)}")
-        try:
-            out[_TINY_KEYS[key.strip()]] = int(value)
-        except ValueError:
-            raise ConfigError(f"torch tiny spec {part!r}: not an integer") from None
-    return out
+    return parse_spec_items(args.partition(",")[2], owner="torch tiny", keys=_TINY_KEYS)
 
 
 def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
@@ -85,11 +82,7 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
     if args.split(",")[0] == "tiny":
         return TorchModel.from_module(TinyTransformer(**_parse_tiny(args)), **kw)
     args, _, rest = args.partition(",")
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = part.partition("=")
-        if key.strip() != "layers" or not sep or not value.strip().isdigit():
-            raise ConfigError(f"torch spec item {part!r}; the only key for real models is layers=N")
-        kw["keep_layers"] = int(value)
+    kw.update(parse_spec_items(rest, owner="torch", keys=_MODEL_KEYS))
     if args in ("", "smollm2"):
         path = bundled_smollm2()
         if path is None:

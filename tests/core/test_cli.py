@@ -107,3 +107,15 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["modes"]) == {"ar", "sd", "ssd"} and report["prompts"] == 2
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "text"),
+    [("vocab=x", "reference spec vocab='x'"), ("vocab", "is not key=value"), ("sleep=maybe", "yes/no")],
+)
+def test_reference_spec_errors(spec, text):
+    from backends.reference import parse_spec
+    from ssd_core import ConfigError
+
+    with pytest.raises(ConfigError, match=text):
+        parse_spec(spec)
