@@ -498,6 +498,7 @@ def enumerate_machine(
     max_new_tokens: int,
     order: str = "target_first",
     max_states: int = 200_000,
+    wrap_source: Callable[[Any], Any] | None = None,
 ) -> ExactDistribution:
     """The exact output distribution of the full, unmodified machine.
 
@@ -517,7 +518,9 @@ def enumerate_machine(
             is then pruned to the branch that is used) or ``"draft_first"`` (the whole
             tree is decoded and sampled before the verification, as the sequential
             driver does).
-        max_states: budget of expanded requests; beyond it :class:`EnumerationTooLarge`.
+        max_states: budget of expanded states; beyond it :class:`EnumerationTooLarge`.
+        wrap_source: optional wrapper around the enumerating source (tests use it to
+            inject deliberately lossy samplers; it must pass unknown draws through).
 
     Returns:
         The :class:`ExactDistribution`.
@@ -569,7 +572,7 @@ def enumerate_machine(
             base = state.machine.metrics
             h0, l0, f0 = base.cache_hits, base.cache_lookups, dict(base.fallbacks)
             r0 = base.rounds
-            for child, p in _advance(state, prob, models, lanes, r0):
+            for child, p in _advance(state, prob, models, lanes, r0, wrap_source):
                 cm = child.machine.metrics
                 hits += p * (cm.cache_hits - h0)
                 misses += p * ((cm.cache_lookups - l0) - (cm.cache_hits - h0))
@@ -600,7 +603,12 @@ def enumerate_machine(
 
 
 def _advance(
-    state: _State, prob: float, models: dict[Lane, PureModel], lanes: tuple[Lane, Lane], rounds0: int
+    state: _State,
+    prob: float,
+    models: dict[Lane, PureModel],
+    lanes: tuple[Lane, Lane],
+    rounds0: int,
+    wrap: Callable[[Any], Any] | None,
 ) -> list[tuple[_State, float]]:
     """Every (state, probability) reachable from ``state`` at the end of its next round
     (or at the end of the run), by exhaustive branching on the draws."""
@@ -625,25 +633,31 @@ def _advance(
             m.deliver(req, result)
             stack.append((st, p))
             continue
-        stack.extend(_deliver_all(st, p, req, models, []))
+        stack.extend(_deliver_all(st, p, req, models, [], wrap))
     return done
 
 
 def _deliver_all(
-    st: _State, p: float, req: Request, models: dict[Lane, PureModel], script: list[list[Any]]
+    st: _State,
+    p: float,
+    req: Request,
+    models: dict[Lane, PureModel],
+    script: list[list[Any]],
+    wrap: Callable[[Any], Any] | None,
 ) -> list[tuple[_State, float]]:
     """Deliver ``req`` (outstanding on ``st``) once per outcome of its draws."""
     child = st.clone()
     creq = child.machine._in_flight[req.lane]
     assert creq is not None
-    child.machine.source = _ScriptSource(script)  # type: ignore[assignment]
+    src: Any = _ScriptSource(script)
+    child.machine.source = wrap(src) if wrap is not None else src
     result = _perform(models, child, creq)
     try:
         child.machine.deliver(creq, result)
     except _Branch as b:
         out = []
         for outcome, q in b.options:
-            out.extend(_deliver_all(st, p * q, req, models, script + [outcome]))
+            out.extend(_deliver_all(st, p * q, req, models, script + [outcome], wrap))
         return out
     return [(child, p)]
 
@@ -660,6 +674,7 @@ def compare_exact(
     max_new_tokens: int,
     order: str = "target_first",
     max_states: int = 200_000,
+    wrap_source: Callable[[Any], Any] | None = None,
 ) -> ExactComparison:
     """Enumerate the machine and compare it with the target's exact distribution.
 
@@ -680,6 +695,7 @@ def compare_exact(
         max_new_tokens=max_new_tokens,
         order=order,
         max_states=max_states,
+        wrap_source=wrap_source,
     )
     want = joint_target_distribution(target, prompts, plist, max_new_tokens)
     keys = set(want) | set(dist.outputs)
