@@ -128,14 +128,15 @@ def exact_cases(
     processors: bool = True,
     saguaro: tuple[float, ...] = (1.0, 0.5, 0.05),
     stops: bool = False,
+    max_vocab: int = 6,
 ) -> ExactCase:
     """A whole-machine enumeration case, sized to enumerate in well under a second."""
     mode = mode or draw(st.sampled_from(["sd", "ssd"]))
     k = draw(st.sampled_from(ks))
-    max_v = MAX_VOCAB_FOR_K[k] if batch == 1 else min(MAX_VOCAB_FOR_K[k], 3)
+    max_v = min(MAX_VOCAB_FOR_K[k] if batch == 1 else min(MAX_VOCAB_FOR_K[k], 3), max_vocab)
     v = draw(st.integers(2, max_v))
     target, draft = draw(model_pairs(vocab=v))
-    max_new = 3 if v**k <= 4 and batch == 1 else 2
+    max_new = 3 if v**k <= 4 and batch == 1 and max_vocab > 3 else 2
     prompts = []
     for i in range(batch):
         n = draw(st.integers(1, 3)) if i == 0 else (len(prompts[0]) % 3) + 1  # different lengths
