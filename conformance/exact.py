@@ -374,6 +374,11 @@ class ExactDistribution:
         states: how many merged round-boundary states were expanded.
         leaked_handles: largest number of handles left open at the end of any path.
         order: ``"target_first"`` (tree pruned to the used branch) or ``"draft_first"``.
+        speculation_max_dev: lemma (ii) check -- over every round boundary, sequence,
+            committed context and speculation source (cache hit, fast), the largest
+            |P(served tokens = d | context, source) - prod_i q_i(d_i)| where q are the
+            rows the speculation carries. 0 (to rounding) means every served
+            speculation is distributed exactly as a fresh sample from its q.
     """
 
     outputs: dict[Outputs, float]
@@ -383,6 +388,7 @@ class ExactDistribution:
     states: int
     leaked_handles: int
     order: str
+    speculation_max_dev: float = 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -562,6 +568,7 @@ def enumerate_machine(
     fallbacks: dict[str, float] = {}
     expanded = 0
     leaked = 0
+    spec_dev = 0.0
 
     while frontier:
         nxt: dict[Hashable, tuple[_State, float]] = {}
@@ -590,6 +597,7 @@ def enumerate_machine(
                     nxt[key] = (nxt[key][0], nxt[key][1] + p)
                 else:
                     nxt[key] = (child, p)
+        spec_dev = max(spec_dev, _speculation_deviation(nxt.values()))
         frontier = nxt
     return ExactDistribution(
         outputs=outputs,
@@ -599,7 +607,31 @@ def enumerate_machine(
         states=expanded,
         leaked_handles=leaked,
         order=order,
+        speculation_max_dev=spec_dev,
     )
+
+
+def _speculation_deviation(states: Any) -> float:
+    """Lemma (ii): served speculations are fresh samples from the q they carry."""
+    from ssd_core._math import to_host
+
+    groups: dict[Hashable, dict[tuple[int, ...], list[Any]]] = {}
+    for st, p in states:
+        for s in st.machine.seqs:
+            if s.spec is None or not s.spec.tokens or s.done:
+                continue
+            g = groups.setdefault((s.index, tuple(s.tokens), s.spec.source), {})
+            entry = g.setdefault(s.spec.tokens, [0.0, s.spec.q])
+            entry[0] += p
+    dev = 0.0
+    for g in groups.values():
+        mass = sum(e[0] for e in g.values())
+        for toks, (p, q) in g.items():
+            rows = to_host(q).astype(np.float64)
+            rows = rows / rows.sum(axis=1, keepdims=True)
+            want = math.prod(float(rows[i, t]) for i, t in enumerate(toks))
+            dev = max(dev, abs(p / mass - want))
+    return dev
 
 
 def _advance(
