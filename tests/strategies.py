@@ -133,7 +133,7 @@ def exact_cases(
     """A whole-machine enumeration case, sized to enumerate in well under a second."""
     mode = mode or draw(st.sampled_from(["sd", "ssd"]))
     k = draw(st.sampled_from(ks))
-    max_v = min(MAX_VOCAB_FOR_K[k] if batch == 1 else min(MAX_VOCAB_FOR_K[k], 3), max_vocab)
+    max_v = min(MAX_VOCAB_FOR_K[k] if batch == 1 else (3 if k == 1 else 2), max_vocab)
     v = draw(st.integers(2, max_v))
     target, draft = draw(model_pairs(vocab=v))
     max_new = 3 if v**k <= 4 and batch == 1 and max_vocab > 3 else 2
