@@ -31,9 +31,9 @@ applied autoregressively with the same stop rules (:func:`target_distribution`).
 
 from __future__ import annotations
 
-import pickle
 import itertools
 import math
+import pickle
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -41,7 +41,7 @@ import attrs
 import numpy as np
 
 from ssd_core import HandleError, InputError, Lane, Machine, SamplingParams, SSDConfig
-from ssd_core._events import Close, Extend, Fork, Open, Request, perform
+from ssd_core._events import Extend, Request, perform
 
 __all__ = [
     "EnumerationTooLarge",
@@ -291,7 +291,7 @@ def joint_target_distribution(
     max_new: int,
 ) -> dict[Outputs, float]:
     """The product of each prompt's :func:`target_distribution` (sequences are independent)."""
-    per = [target_distribution(fn, pr, pa, max_new) for pr, pa in zip(prompts, params)]
+    per = [target_distribution(fn, pr, pa, max_new) for pr, pa in zip(prompts, params, strict=True)]
     out: dict[Outputs, float] = {}
     for combo in itertools.product(*(d.items() for d in per)):
         out[tuple(c[0] for c in combo)] = math.prod(c[1] for c in combo)
@@ -418,7 +418,12 @@ def _may_draw(req: Request) -> bool:
 class _State:
     __slots__ = ("machine", "tables", "nexts")
 
-    def __init__(self, machine: Machine, tables: dict[Lane, dict[int, tuple[int, ...]]], nexts: dict[Lane, int]) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        tables: dict[Lane, dict[int, tuple[int, ...]]],
+        nexts: dict[Lane, int],
+    ) -> None:
         self.machine = machine
         self.tables = tables
         self.nexts = nexts
@@ -473,7 +478,14 @@ def _key(state: _State, adaptive: bool) -> Hashable:
         for name in ("primary", "backup"):
             st = m.stats[name]
             parts.append((st.accepted, st.proposed, tuple(st.ranks)))
-        parts.append((tuple(m._jit_s), tuple(m._round_s), repr(m._tokens_by_source), repr(attrs.asdict(m.metrics))))
+        parts.append(
+            (
+                tuple(m._jit_s),
+                tuple(m._round_s),
+                repr(m._tokens_by_source),
+                repr(attrs.asdict(m.metrics)),
+            )
+        )
     return tuple(parts)
 
 
@@ -481,7 +493,10 @@ def _check_mirrors(state: _State) -> None:
     """The machine's record of what each handle holds must match the backend's."""
     m = state.machine
     for s in m.seqs:
-        for lane, h, held in ((Lane.TARGET, s.t_handle, s.t_held), (Lane.DRAFT, s.d_handle, s.d_held)):
+        for lane, h, held in (
+            (Lane.TARGET, s.t_handle, s.t_held),
+            (Lane.DRAFT, s.d_handle, s.d_held),
+        ):
             if h is None or lane not in state.tables:
                 continue
             real = state.tables[lane].get(h)
@@ -732,8 +747,6 @@ def compare_exact(
     want = joint_target_distribution(target, prompts, plist, max_new_tokens)
     keys = set(want) | set(dist.outputs)
     diff = max((abs(want.get(k, 0.0) - dist.outputs.get(k, 0.0)) for k in keys), default=0.0)
-    return ExactComparison(max_abs_diff=diff, tv=total_variation(dist.outputs, want), machine=dist, target=want)
-
-
-# Re-exported for tests that drive requests themselves.
-_REQUEST_TYPES = (Open, Extend, Fork, Close)
+    return ExactComparison(
+        max_abs_diff=diff, tv=total_variation(dist.outputs, want), machine=dist, target=want
+    )

@@ -34,8 +34,8 @@ __all__ = ["DEFAULT_MODES", "DEFAULT_PROCESSORS", "check_lossless"]
 DEFAULT_MODES: dict[str, tuple[str, SSDConfig | None]] = {
     "ar": ("ar", None),
     "sd": ("sd", SSDConfig(k=3)),
-    "ssd-neural": ("ssd", SSDConfig(k=3, fanout=(3, 2, 2, 4), fallback="neural", saguaro_c=0.5)),
-    "ssd-fast": ("ssd", SSDConfig(k=3, fanout=(3, 2, 2, 4), fallback="fast")),
+    "ssd-neural": ("ssd", SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="neural", saguaro_c=0.5)),
+    "ssd-fast": ("ssd", SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="fast")),
 }
 
 #: name -> sampling parameters for the statistical family.
@@ -136,10 +136,18 @@ def check_lossless(
         first_diff = ""
         if bad:
             o = outs[bad[0]]
-            i = next((j for j in range(min(len(o), len(ref))) if o[j] != ref[j]), min(len(o), len(ref)))
-            first_diff = f"{bad[0]} differs from {next(iter(outs))} at generated token {i}: {o[i:i+4]} vs {ref[i:i+4]}"
+            i = next(
+                (j for j in range(min(len(o), len(ref))) if o[j] != ref[j]), min(len(o), len(ref))
+            )
+            first_diff = f"{bad[0]} differs from {next(iter(outs))} at generated token {i}: {o[i : i + 4]} vs {ref[i : i + 4]}"
         rows.append(
-            _row("lossless.greedy_identity", not bad, f"{len(modes)} modes x {greedy_tokens} tokens", first_diff, t0)
+            _row(
+                "lossless.greedy_identity",
+                not bad,
+                f"{len(modes)} modes x {greedy_tokens} tokens",
+                first_diff,
+                t0,
+            )
         )
     except Exception as exc:
         rows.append(_error_row("lossless.greedy_identity", exc, t0))

@@ -222,7 +222,9 @@ def g_test(
         terms = np.where(obs > 0, obs * np.log(obs / exp), 0.0)
     g = math.inf if impossible else float(2.0 * terms.sum())
     p_value = 0.0 if impossible else float(chi2.sf(g, df))
-    observed_tv = 0.5 * float(np.abs(obs / max(n, 1) - exp / max(n, 1)).sum()) + impossible / max(n, 1)
+    observed_tv = 0.5 * float(np.abs(obs / max(n, 1) - exp / max(n, 1)).sum()) + impossible / max(
+        n, 1
+    )
     return GTestResult(
         statistic=g,
         df=df,
@@ -353,4 +355,3 @@ def statistical_lossless_test(
 def bonferroni(family_alpha: float, family_size: int) -> float:
     """Per-test level giving family-wise false alarm <= ``family_alpha``."""
     return family_alpha / max(family_size, 1)
-

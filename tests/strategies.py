@@ -35,20 +35,30 @@ MAX_VOCAB_FOR_K = {1: 6, 2: 3, 3: 2}
 
 def _model(kind: str, vocab: int, order: int, seed: int, name: str) -> ReferenceModel:
     if kind == "flat":
-        return ReferenceModel.random(vocab_size=vocab, order=order, seed=seed, peakedness=0.0, name=name)
+        return ReferenceModel.random(
+            vocab_size=vocab, order=order, seed=seed, peakedness=0.0, name=name
+        )
     if kind == "mild":
-        return ReferenceModel.random(vocab_size=vocab, order=order, seed=seed, peakedness=1.0, name=name)
+        return ReferenceModel.random(
+            vocab_size=vocab, order=order, seed=seed, peakedness=1.0, name=name
+        )
     if kind == "peaked":
-        return ReferenceModel.random(vocab_size=vocab, order=order, seed=seed, peakedness=3.0, name=name)
+        return ReferenceModel.random(
+            vocab_size=vocab, order=order, seed=seed, peakedness=3.0, name=name
+        )
     if kind == "zeros":
         return ReferenceModel.random(
             vocab_size=vocab, order=order, seed=seed, peakedness=1.5, zero_fraction=0.34, name=name
         )
-    return ReferenceModel.random(vocab_size=vocab, order=order, seed=seed, peakedness=1.0, tie_levels=2, name=name)
+    return ReferenceModel.random(
+        vocab_size=vocab, order=order, seed=seed, peakedness=1.0, tie_levels=2, name=name
+    )
 
 
 @st.composite
-def model_pairs(draw: Any, vocab: int | None = None, order: int | None = None) -> tuple[ReferenceModel, ReferenceModel]:
+def model_pairs(
+    draw: Any, vocab: int | None = None, order: int | None = None
+) -> tuple[ReferenceModel, ReferenceModel]:
     """A (target, draft) pair of reference models.
 
     The draft is either a perturbed copy of the target (close: high acceptance) or an
@@ -60,7 +70,9 @@ def model_pairs(draw: Any, vocab: int | None = None, order: int | None = None) -
     seed = draw(st.integers(0, 10_000))
     target = _model(draw(st.sampled_from(MODEL_KINDS)), v, o, seed, "target")
     if draw(st.booleans()):
-        draft = ReferenceModel.perturbed(target, divergence=draw(st.sampled_from([0.0, 0.5, 2.0])), seed=seed + 1)
+        draft = ReferenceModel.perturbed(
+            target, divergence=draw(st.sampled_from([0.0, 0.5, 2.0])), seed=seed + 1
+        )
     else:
         draft = _model(draw(st.sampled_from(MODEL_KINDS)), v, o, seed + 7, "draft")
     return target, draft

@@ -78,7 +78,7 @@ def install(variant: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], An
         def dw(logits: Any, temps: Any, fans: Any, c: float) -> Any:
             w = orig_dw(logits, temps, fans, c)
             w0 = orig_dw(logits, temps, fans, 1.0)
-            for a, b in zip(to_host(w), to_host(w0)):
+            for a, b in zip(to_host(w), to_host(w0), strict=True):
                 plain[np.ascontiguousarray(a).tobytes()] = b
             return w
 

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, settings
 DEEP = os.environ.get("SSD_TEST_PROFILE", "ci") == "deep"
 
 settings.register_profile(
-    "exact-ci", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    "exact-ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
     "exact-deep",

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance.exact import compare_exact
-from ssd_core import SamplingParams, SSDConfig
+from ssd_core import SamplingParams
 from tests.strategies import ExactCase, exact_cases
 
 from ._profiles import examples

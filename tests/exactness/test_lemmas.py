@@ -2,7 +2,7 @@
 
 (i)  One verification round is exact for *any* proposal, point masses included:
      enumerate the first round only (max_new_tokens = 1 keeps only the first committed
-     token, whatever the proposal) at vocab 8, K = 3, for neural drafts, Saguaro-
+     token, whatever the proposal) at vocab 6, K = 2, for neural drafts, Saguaro-
      rescaled drafts and point-mass (fast) proposals.
 (ii) Conditioned on every verification outcome and context, the speculation served
      next (cache hit or fast fallback) is distributed exactly as a fresh sample from
@@ -23,7 +23,7 @@ from backends.reference import ReferenceModel
 from conformance.exact import compare_exact
 from ssd_core import SamplingParams, SSDConfig
 
-V8 = ReferenceModel.random(vocab_size=8, order=2, seed=21, peakedness=1.5)
+V8 = ReferenceModel.random(vocab_size=6, order=2, seed=21, peakedness=1.5)
 D8 = ReferenceModel.perturbed(V8, divergence=1.0)
 
 
@@ -39,9 +39,9 @@ def test_lemma_one_round_exact_any_proposal(mode: str, config: SSDConfig) -> Non
     c = compare_exact(
         V8.logits,
         D8.logits,
-        vocab_size=8,
+        vocab_size=6,
         prompts=[[1, 2]],
-        params=SamplingParams(temperature=1.0, top_k=6),
+        params=SamplingParams(temperature=1.0, top_k=5),
         mode=mode,
         config=config,
         max_new_tokens=1,
@@ -76,7 +76,9 @@ def test_lemma_served_speculation_is_a_fresh_sample(fallback: str, order: str) -
     [((1, 1), True, True), ((3, 3), True, False), ((0, 0), False, True)],
     ids=["partial", "full", "none"],
 )
-def test_hits_and_misses_reached_as_claimed(fanout: tuple[int, int], hits: bool, misses: bool) -> None:
+def test_hits_and_misses_reached_as_claimed(
+    fanout: tuple[int, int], hits: bool, misses: bool
+) -> None:
     c = compare_exact(
         T3.logits,
         D3.logits,

@@ -28,7 +28,11 @@ P = SamplingParams(temperature=1.0)
 
 CASES = {
     "argmax_accept_on_fast": dict(
-        prompts=[[0, 1]], params=P, mode="ssd", config=SSDConfig(k=1, fanout=(0, 0), fallback="fast"), max_new_tokens=3
+        prompts=[[0, 1]],
+        params=P,
+        mode="ssd",
+        config=SSDConfig(k=1, fanout=(0, 0), fallback="fast"),
+        max_new_tokens=3,
     ),
     "unrescaled_q": dict(
         prompts=[[0, 1]],
@@ -37,13 +41,23 @@ CASES = {
         config=SSDConfig(k=1, fanout=(1, 1), fallback="neural", saguaro_c=0.05),
         max_new_tokens=3,
     ),
-    "greedy_draft_softmax_q": dict(prompts=[[0, 1]], params=P, mode="sd", config=SSDConfig(k=1), max_new_tokens=3),
+    "greedy_draft_softmax_q": dict(
+        prompts=[[0, 1]], params=P, mode="sd", config=SSDConfig(k=1), max_new_tokens=3
+    ),
     "top_p_first_position_only": dict(
-        prompts=[[0, 1]], params=SamplingParams(temperature=1.0, top_p=0.6), mode="sd", config=SSDConfig(k=2), max_new_tokens=3
+        prompts=[[0, 1]],
+        params=SamplingParams(temperature=1.0, top_p=0.6),
+        mode="sd",
+        config=SSDConfig(k=2),
+        max_new_tokens=3,
     ),
 }
 SEQ_CASE = dict(
-    prompts=[[0, 1], [2]], params=P, mode="ssd", config=SSDConfig(k=1, fanout=(2, 2), fallback="neural"), max_new_tokens=3
+    prompts=[[0, 1], [2]],
+    params=P,
+    mode="ssd",
+    config=SSDConfig(k=1, fanout=(2, 2), fallback="neural"),
+    max_new_tokens=3,
 )
 
 
@@ -58,7 +72,9 @@ def test_exact_enumeration_catches(variant: str, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.slow  # ~3 minutes: a batch of two, three tokens, joint distribution
-def test_exact_enumeration_catches_cache_for_another_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exact_enumeration_catches_cache_for_another_sequence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     install("cache_any_sequence", monkeypatch)
     bad = compare_exact(T.logits, D.logits, vocab_size=3, **SEQ_CASE)
     assert bad.max_abs_diff > 1e-3
@@ -101,3 +117,21 @@ def test_reuse_for_other_k_is_lossless(monkeypatch: pytest.MonkeyPatch) -> None:
         order="draft_first",
     )
     assert c.max_abs_diff <= 1e-9
+
+
+def test_lemma_ii_check_catches_greedy_draft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served-speculation check (lemma ii) has teeth: a greedy draft that records
+    the softmax q serves speculations that are not samples from their q."""
+    wrap = install("greedy_draft_softmax_q", monkeypatch)
+    c = compare_exact(
+        T.logits,
+        D.logits,
+        vocab_size=3,
+        prompts=[[0, 1]],
+        params=P,
+        mode="ssd",
+        config=SSDConfig(k=1, fanout=(1, 1), fallback="neural", saguaro_c=0.5),
+        max_new_tokens=3,
+        wrap_source=wrap,
+    )
+    assert c.machine.speculation_max_dev > 0.1

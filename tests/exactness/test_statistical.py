@@ -39,8 +39,11 @@ def make_draft() -> ReferenceModel:
 MODES = {
     "ar": ("ar", None),
     "sd": ("sd", SSDConfig(k=3)),
-    "ssd-neural-C0.5": ("ssd", SSDConfig(k=3, fanout=(3, 2, 2, 4), fallback="neural", saguaro_c=0.5)),
-    "ssd-fast": ("ssd", SSDConfig(k=3, fanout=(3, 2, 2, 4), fallback="fast")),
+    "ssd-neural-C0.5": (
+        "ssd",
+        SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="neural", saguaro_c=0.5),
+    ),
+    "ssd-fast": ("ssd", SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="fast")),
 }
 PROCESSORS = {
     "T1": SamplingParams(temperature=1.0),
