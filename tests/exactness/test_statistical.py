@@ -83,3 +83,36 @@ def test_first_tokens_match_target(mode: str, proc: str) -> None:
         max_bins=MAX_BINS,
     )
     assert not res.rejected, f"{mode}/{proc}: {res.summary()}"
+
+
+# -- vocab 1000, slow tier: its own Bonferroni family of LARGE_FAMILY tests ----------
+
+LARGE_MODES = {
+    "sd": ("sd", SSDConfig(k=3)),
+    "ssd-neural-C0.5": ("ssd", SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="neural", saguaro_c=0.5)),
+    "ssd-fast": ("ssd", SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="fast")),
+}
+LARGE_ALPHA = bonferroni(1e-4, len(LARGE_MODES))
+
+
+@pytest.mark.slow  # ~10-30 s each at n = 8000 (vocab 1000, first 2 tokens, 1e6 cells)
+@pytest.mark.parametrize("mode", sorted(LARGE_MODES))
+def test_vocab_1000_first_tokens_match_target(mode: str) -> None:
+    target = ReferenceModel.random(vocab_size=1000, order=2, seed=8, peakedness=2.5)
+    run_mode, config = LARGE_MODES[mode]
+    res = statistical_lossless_test(
+        lambda: target,
+        lambda: ReferenceModel.perturbed(target, divergence=0.7),
+        target.logits,
+        prompt=[1, 2, 3],
+        params=SamplingParams(temperature=1.0),
+        mode=run_mode,
+        config=config,
+        m=2,
+        samples=SAMPLES,
+        seed=7000 + sorted(LARGE_MODES).index(mode),
+        alpha=LARGE_ALPHA,
+        effect_tv=EFFECT_TV,
+        max_bins=MAX_BINS,
+    )
+    assert not res.rejected, f"vocab 1000 {mode}: {res.summary()}"
