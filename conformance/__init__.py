@@ -15,9 +15,13 @@ model), do not import pytest, and are run by this project on every backend it sh
 * ``python -m conformance package.module:factory [--quick|--full]`` or
   ``python -m conformance --backend NAME`` -- the command line.
 
-The lossless half (greedy identity and distribution tests of the speculative engine
-over a target/draft pair) builds on the core and will report through the same
-:class:`Report`/:class:`CheckResult` types (see :meth:`Report.combine`).
+* :func:`check_lossless` -- the lossless half: greedy identity AR == SD == SSD, exact
+  enumeration on a few token ids (:func:`restrict_vocab`), and Bonferroni-corrected
+  G-tests of every mode and sampling processor against the exact processed target,
+  over a target/draft pair of factories; same :class:`Report` rows
+  (:meth:`Report.combine` joins the two halves).
+* ``conformance.exact`` / ``conformance.stats`` -- the enumerating random source and
+  the statistical machinery behind it, for backend authors' own tests.
 
 See ``docs/backend-authors.md``.
 """
@@ -30,9 +34,51 @@ from ._report import CheckResult, ConformanceError, Report, Status
 from ._runner import CHECK_NAMES, assert_conforms, check_model
 from ._settings import Settings, default_tolerance
 from ._stateful import model_state_machine
+from .exact import (
+    EnumerationTooLarge,
+    ExactComparison,
+    ExactDistribution,
+    PureModel,
+    compare_exact,
+    enumerate_machine,
+    logits_fn_of,
+    processed_probs,
+    restrict_vocab,
+    target_distribution,
+)
+from .lossless import DEFAULT_MODES, DEFAULT_PROCESSORS, check_lossless
+from .stats import (
+    GTestResult,
+    bonferroni,
+    exact_prefix_distribution,
+    g_test,
+    power_lower_bound,
+    required_samples,
+    statistical_lossless_test,
+)
 
 __all__ = [
     "CHECK_NAMES",
+    "DEFAULT_MODES",
+    "DEFAULT_PROCESSORS",
+    "EnumerationTooLarge",
+    "ExactComparison",
+    "ExactDistribution",
+    "GTestResult",
+    "PureModel",
+    "bonferroni",
+    "check_lossless",
+    "compare_exact",
+    "enumerate_machine",
+    "exact_prefix_distribution",
+    "g_test",
+    "logits_fn_of",
+    "power_lower_bound",
+    "processed_probs",
+    "required_samples",
+    "restrict_vocab",
+    "statistical_lossless_test",
+    "target_distribution",
     "CheckResult",
     "ConformanceError",
     "Report",

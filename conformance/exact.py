@@ -642,9 +642,12 @@ def _speculation_deviation(states: Any) -> float:
     for g in groups.values():
         mass = sum(e[0] for e in g.values())
         for toks, (p, q) in g.items():
-            rows = to_host(q).astype(np.float64)
-            rows = rows / rows.sum(axis=1, keepdims=True)
-            want = math.prod(float(rows[i, t]) for i, t in enumerate(toks))
+            if q is None:  # fast backup tokens: point masses, q is one-hot on each token
+                want = 1.0
+            else:
+                rows = to_host(q).astype(np.float64)
+                rows = rows / rows.sum(axis=1, keepdims=True)
+                want = math.prod(float(rows[i, t]) for i, t in enumerate(toks))
             dev = max(dev, abs(p / mass - want))
     return dev
 

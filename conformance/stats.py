@@ -277,6 +277,8 @@ def sample_prefixes(
     """
     target = make_target()
     draft = make_draft() if make_draft is not None and mode != "ar" else None
+    batch = min(batch, _batch_limit(target, draft, mode, config))
+    params = effective_params(target, params)
     counts: dict[tuple[int, ...], int] = {}
     done = 0
     call = 0
@@ -302,6 +304,33 @@ def sample_prefixes(
         done += b
         call += 1
     return counts
+
+
+def effective_params(target: Any, params: SamplingParams) -> SamplingParams:
+    """``params`` with the stop ids the engine will really use made explicit: with
+    ``stop_token_ids=None`` generation stops on the target tokenizer's EOS ids, and the
+    exact distribution must stop there too."""
+    tokenizer = getattr(target, "tokenizer", None)
+    if params.stop_token_ids is not None or params.ignore_eos or tokenizer is None:
+        return params
+    return attrs.evolve(params, stop_token_ids=tuple(getattr(tokenizer, "eos_token_ids", ()) or ()))
+
+
+def _batch_limit(target: Any, draft: Any, mode: str, config: SSDConfig | None) -> int:
+    """The largest batch the models' declared handle limits (``max_handles``) allow."""
+    limit = 1 << 30
+    t_max = getattr(target, "max_handles", None)
+    if isinstance(t_max, int):
+        limit = min(limit, t_max)
+    d_max = getattr(draft, "max_handles", None)
+    if draft is not None and isinstance(d_max, int):
+        per_seq = 1
+        if mode == "ssd":
+            cfg = config or SSDConfig()
+            sizes = [f if isinstance(f, int) else sum(f) for f in (cfg.fanout, cfg.fanout_after_backup) if f is not None]
+            per_seq += max(sizes)
+        limit = min(limit, d_max // per_seq)
+    return max(limit, 1)
 
 
 def statistical_lossless_test(
@@ -335,6 +364,13 @@ def statistical_lossless_test(
     Returns:
         The :class:`GTestResult`.
     """
+    if params.stop_token_ids is None and not params.ignore_eos:
+        # The engine stops on the target tokenizer's EOS ids; so must the exact side.
+        probe = make_target()
+        params = effective_params(probe, params)
+        free = getattr(probe, "free", None)
+        if callable(free):
+            free()
     probs = exact_prefix_distribution(target_logits, prompt, params, m)
     counts = sample_prefixes(
         make_target,

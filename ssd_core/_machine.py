@@ -438,6 +438,9 @@ class _Branch:
     seq: _Seq
     k: int
     token: int
+    #: The tokens the branch handle holds once its first token is fed (parent prefix +
+    #: candidate); the sampled tokens follow.
+    context: list[int]
     handle: Handle = None
     tokens: list[int] = attrs.field(factory=list)
     rows: list[Any] = attrs.field(factory=list)
@@ -574,7 +577,8 @@ class _TreeJob(_Job):
                 for t in top_ids(g[k], fan[k], exclude=exclude):
                     if self.wanted is not None and self.wanted.get(s.index) != (k, t):
                         continue
-                    self.branches.append(_Branch(seq=s, k=k, token=t))
+                    context = s.tokens + list(spec[:k]) + [t]
+                    self.branches.append(_Branch(seq=s, k=k, token=t, context=context))
 
     def lookup(self, seq: _Seq, outcome: Outcome) -> _Branch | None:
         """The complete cached branch for this outcome, if the cache has one."""
@@ -927,11 +931,14 @@ class Machine:
                 s.spec = Speculation(tokens=tuple(hit.tokens), q=xp.stack(hit.rows), source="cache")
                 # The hit branch already holds the new context and its draft rows: it
                 # becomes the sequence's draft handle, so the next glue pass feeds 1 token.
+                # (Only a sequence's own branch: a handle is never shared between two.)
+                if hit.seq is not s or hit.promoted:
+                    continue
                 retired.append(s.d_handle)
                 hit.promoted = True
-                first = len(s.tokens) - 1
+                first = len(hit.context) - 1
                 s.d_handle = hit.handle
-                s.d_held = s.tokens + hit.tokens[:-1]
+                s.d_held = hit.context + hit.tokens[:-1]
                 s.d_rows = {first + j: row for j, row in enumerate(hit.raw)}
             else:
                 s.spec = None

@@ -126,8 +126,7 @@ def install(variant: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], An
                 same_seq = b.seq is seq or not any_k
                 same_k = b.k == outcome.accepted or any_k
                 if same_seq and same_k and b.token == outcome.token and len(b.tokens) == self.m.k:
-                    xp = M.namespace(b.rows[0])
-                    return M.Speculation(tokens=tuple(b.tokens), q=xp.stack(b.rows), source="cache")
+                    return b
             return None
 
         monkeypatch.setattr(M._TreeJob, "lookup", lookup)
