@@ -23,6 +23,7 @@ examples:
   python -m conformance --backend reference
   python -m conformance --backend all --full
   python -m conformance --backend reference --args vocab=32,order=3,context=16
+  python -m conformance mypkg.backend:make_target --draft mypkg.backend:make_draft
 
 exit status: 0 every report passed (a backend whose engine is not installed is
 reported as SKIPPED), 1 a check failed, 2 bad usage."""
@@ -39,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         "factory",
         nargs="?",
         help="package.module:callable returning a fresh model (zero arguments)",
+    )
+    ap.add_argument(
+        "--draft",
+        metavar="FACTORY",
+        help="also run the lossless half (check_lossless): greedy identity AR == SD == SSD "
+        "and G-tests of every mode and sampling processor, with FACTORY "
+        "(package.module:callable) building the draft and the positional factory the target",
     )
     ap.add_argument(
         "--backend",
@@ -159,6 +167,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.factory:
             reports.append(check_model(_load_factory(ns.factory), **kwargs))
+        if ns.draft:
+            if not ns.factory:
+                ap.error("--draft needs the target factory as the positional argument")
+            from .lossless import DEFAULT_PROCESSORS, check_lossless
+
+            procs = dict(list(DEFAULT_PROCESSORS.items())[:2]) if ns.quick else None
+            reports.append(
+                check_lossless(
+                    _load_factory(ns.factory),
+                    _load_factory(ns.draft),
+                    samples=1500 if ns.quick else 4000,
+                    processors=procs,
+                    seed=ns.seed,
+                    subject=f"{ns.factory} with draft {ns.draft}",
+                )
+            )
         for name in names:
             reports.append(check_backend(name, args=ns.args, options=options, **kwargs))
     except UnknownOptionError as exc:

@@ -248,3 +248,14 @@ BROKEN: dict[str, tuple[Factory, tuple[str, ...], str]] = {
         "close() does not release them",
     ),
 }
+
+
+def lossless_target() -> ReferenceModel:
+    """A small target for the CLI's lossless half."""
+    return ReferenceModel.random(vocab_size=24, order=2, seed=3, peakedness=2.0)
+
+
+def lossless_draft() -> ReferenceModel:
+    """Its draft: a perturbed copy (same vocabulary)."""
+    return ReferenceModel.perturbed(lossless_target(), divergence=0.5, seed=4)
+

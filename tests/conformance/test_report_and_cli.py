@@ -200,3 +200,11 @@ def test_cli_args_need_exactly_one_backend() -> None:
     with pytest.raises(SystemExit) as info:
         main(["--backend", "reference", "--backend", "other", "--args", "vocab=8"])
     assert info.value.code == 2
+
+
+def test_cli_runs_the_lossless_half(capsys):
+    rc = main(["tests.conformance.broken:lossless_target", "--draft",
+               "tests.conformance.broken:lossless_draft", "--quick", "--only", "attributes"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "lossless.greedy_identity" in out and "lossless.stat.ssd-fast.T1" in out
