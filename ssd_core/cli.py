@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
         if args.command == "bench":
-            from ._bench import run_bench
+            from .cli_bench import run_bench
 
             return run_bench(args)
     except GenerationError as exc:

@@ -1,4 +1,4 @@
-"""``ssd bench``: AR, SD and SSD on the same prompts, one table, JSON and a plot.
+"""The ``ssd bench`` command: AR, SD and SSD on the same prompts, one table, JSON and a plot.
 
 Everything reported is measured in this run on this machine; the JSON records the
 command line so the numbers can be reproduced.
