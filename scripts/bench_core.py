@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 
-import ssd_core._machine as M
+import ssd_core._jobs as M
 from backends._handles import HandleTable
 from ssd_core import SamplingParams, SSDConfig, generate
 

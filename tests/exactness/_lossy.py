@@ -26,7 +26,7 @@ import attrs
 import numpy as np
 import pytest
 
-import ssd_core._machine as M
+import ssd_core._jobs as M
 from ssd_core._math import to_host
 
 VARIANTS = (
