@@ -231,7 +231,7 @@ def target_probs(logits: Array, params: Sequence[Any]) -> Array:
 def draft_weights(
     logits: Array, temperatures: Sequence[float], fanouts: Sequence[int], saguaro_c: float
 ) -> Array:
-    """Unnormalised draft proposal weights q' for each row (float64, max entry 1).
+    """Unnormalised draft proposal weights q' for each row (any positive per-row scale).
 
     Temperature 0 gives a one-hot row. Otherwise ``w_t = exp(z_t / T)`` and, under
     Saguaro sampling with ``saguaro_c < 1``, the tokens whose logit is >= the

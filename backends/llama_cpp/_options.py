@@ -10,6 +10,8 @@ import attrs
 
 from ssd_core import ConfigError
 
+from .._specs import flag
+
 __all__ = ["FLASH_ATTN", "LlamaOptions"]
 
 #: ``flash_attn`` values and llama.cpp's ``flash_attn_type`` for them.
@@ -44,12 +46,10 @@ def _flash(value: object) -> str:
 
 def _to_bool(value: object) -> bool:
     if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"llama_cpp: expected a boolean, got {value!r}")
+        try:
+            return flag(value)
+        except ValueError:
+            raise ConfigError(f"llama_cpp: expected a boolean, got {value!r}") from None
     return bool(value)
 
 
