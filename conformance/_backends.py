@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import Model, load_backend
+from ssd_core import Model
+from ssd_core.app import load_backend
 
 from ._probe import free_model
 from ._report import CheckResult, Report, Status

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from importlib import import_module
 from typing import Any
 
-from ssd_core import ConfigError, SSDError, UnknownOptionError, available_backends
+from ssd_core import ConfigError, SSDError, UnknownOptionError
+from ssd_core.app import available_backends
 
 from ._backends import check_backend
 from ._report import Report, Status

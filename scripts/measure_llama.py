@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from backends.llama_cpp import bundled_prompts, from_gguf, smollm2_path
-from ssd_core import SamplingParams, SSDConfig, generate, load_backend
+from ssd_core import SamplingParams, SSDConfig, generate
+from ssd_core.app import load_backend
 
 logger = logging.getLogger("measure_llama")
 

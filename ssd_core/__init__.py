@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ._api import GenerateResult, GenerationError, Stream, StreamEvent, generate, stream
-from ._config import SamplingParams, SSDConfig
+from ._config import FALLBACKS, MODES, SamplingParams, SSDConfig
+from ._drivers import DRIVERS
 from ._errors import (
     BackendContractError,
     CapacityError,
@@ -20,15 +21,15 @@ from ._fanout import geometric_fanout
 from ._latency import LatencyModel
 from ._machine import TRANSITIONS, Machine, Phase, Speculation
 from ._metrics import Metrics
-from ._protocol import Handle, Model, Tokenizer
+from ._protocol import Handle, Model, Tokenizer, free_model
 from ._random import RandomSource, SeededSource
-from ._registry import BackendSpec, available_backends, load_backend
 
 __all__ = [
     "TRANSITIONS",
-    "BackendSpec",
-    "available_backends",
-    "load_backend",
+    "DRIVERS",
+    "FALLBACKS",
+    "MODES",
+    "free_model",
     "GenerateResult",
     "GenerationError",
     "Lane",

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Handle", "Model", "Tokenizer"]
+__all__ = ["Handle", "Model", "Tokenizer", "free_model"]
 
 #: An opaque, hashable name for one sequence's backend-side state. Backends choose the
 #: type (an int is typical); the core only stores handles and passes them back.
@@ -137,3 +137,12 @@ class Model(Protocol):
     def close(self, handle: Handle) -> None:
         """Free ``handle``. Using it afterwards raises :class:`~ssd_core.HandleError`."""
         ...
+
+
+def free_model(model: object) -> None:
+    """Release ``model`` through its optional ``free()`` (engine context, weights);
+    a model without one is left to the garbage collector. Safe to call twice when the
+    backend's ``free()`` is idempotent, as the in-house backends' are."""
+    free = getattr(model, "free", None)
+    if callable(free):
+        free()

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from ssd_core import BackendSpec, Model
+from ssd_core import Model
+from ssd_core.app import BackendSpec, default_prompts
 
 from ._bundled import resolve_model_path, smollm2_path
 from ._model import LlamaCppModel
@@ -63,8 +64,8 @@ BACKEND = BackendSpec(
 
 
 def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
-    """The project's prompt set (``ssd_core/bench_prompts.json``: code, chat, math,
-    prose, rewrite), the one ``ssd bench`` uses.
+    """The project's prompt set (:func:`ssd_core.app.default_prompts`: code, chat,
+    math, prose, rewrite), the one ``ssd bench`` uses.
 
     Args:
         model: if given, each entry gains ``"tokens"``: the prompt tokenised with the
@@ -73,11 +74,7 @@ def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
     Returns:
         One dict per prompt with ``id``, ``kind``, ``chat``, ``text`` (and ``tokens``).
     """
-    import json
-    from importlib.resources import files
-
-    data = json.loads(files("ssd_core").joinpath("bench_prompts.json").read_text("utf-8"))
-    prompts: list[dict[str, Any]] = [dict(p) for p in data["prompts"]]
+    prompts = default_prompts()
     if model is not None:
         tok = model.tokenizer
         for p in prompts:

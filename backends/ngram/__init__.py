@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import BackendSpec, ConfigError, Model
+from ssd_core import ConfigError, Model
+from ssd_core.app import BackendSpec
 
 from .._specs import parse_spec_items
 from ._model import NgramModel

@@ -24,7 +24,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import BackendSpec, ConfigError
+from ssd_core import ConfigError
+from ssd_core.app import BackendSpec
 
 from .._specs import flag, parse_spec_items, plus_list
 from ._export import (

@@ -21,7 +21,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from ssd_core import BackendSpec, ConfigError
+from ssd_core import ConfigError
+from ssd_core.app import BackendSpec
 
 from .._specs import parse_spec_items
 from ._model import TorchModel

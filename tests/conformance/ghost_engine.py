@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssd_core import BackendSpec
+from ssd_core.app import BackendSpec
 
 
 def _load(args, options):  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ import pytest
 
 import conformance
 from backends.reference import ReferenceModel
-from ssd_core import available_backends, load_backend
+from ssd_core.app import available_backends, load_backend
 
 from .broken import Wrapper, reference
 

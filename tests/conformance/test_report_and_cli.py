@@ -98,7 +98,7 @@ def test_cli_unknown_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]
 
 
 def test_backend_whose_engine_is_missing_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssd_core._registry as registry
+    import ssd_core.app.registry as registry
 
     monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:BACKEND")
     report = conformance.check_backend("ghost")
@@ -145,7 +145,7 @@ def test_conformance_does_not_import_pytest() -> None:
 
 
 def test_backend_whose_load_fails_reports_one_failed_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssd_core._registry as registry
+    import ssd_core.app.registry as registry
 
     monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:BROKEN_LOAD")
     report = conformance.check_backend("ghost")
@@ -176,7 +176,7 @@ def test_cli_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_draft_only_backend_is_checked_on_its_default_draft(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ssd_core._registry as registry
+    import ssd_core.app.registry as registry
 
     monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:DRAFT_ONLY")
     report = conformance.check_backend("ghost")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ssd_core.cli import main
+from ssd_core.app.cli import main
 
 
 def test_generate_json(capsys):

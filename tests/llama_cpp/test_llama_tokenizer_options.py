@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from backends.llama_cpp import LlamaCppModel, LlamaOptions, from_gguf
-from ssd_core import ConfigError, InputError, Tokenizer, load_backend
+from ssd_core import ConfigError, InputError, Tokenizer
+from ssd_core.app import load_backend
 
 
 def test_tokenizer_round_trip(tiny: LlamaCppModel) -> None:

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.ngram import NgramModel, parse_spec
-from ssd_core import CapacityError, ConfigError, HandleError, InputError, Model, load_backend
+from ssd_core import CapacityError, ConfigError, HandleError, InputError, Model
+from ssd_core.app import load_backend
 
 
 def test_is_a_model() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ssd_core import SamplingParams, SSDConfig, generate, load_backend
+from ssd_core import SamplingParams, SSDConfig, generate
+from ssd_core.app import load_backend
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

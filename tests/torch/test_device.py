@@ -81,7 +81,7 @@ def test_move_between_devices_keeps_results(th):
 
 
 def test_registry_and_spec_loading():
-    from ssd_core import available_backends, load_backend
+    from ssd_core.app import available_backends, load_backend
 
     assert available_backends()["torch"] == "backends.torch:BACKEND"
     spec = load_backend("torch")

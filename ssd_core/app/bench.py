@@ -13,25 +13,17 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._api import generate
-from ._errors import ConfigError
-from ._metrics import Metrics
+from ssd_core import ConfigError, Metrics, generate
 
-__all__ = ["aggregate", "default_prompts", "run_bench"]
+from .common import config_from, encode_prompt, free_models, load_models, sampling_from
+from .prompts import default_prompts
+
+__all__ = ["aggregate", "run_bench"]
 
 log = logging.getLogger("ssd_core.bench")
-
-
-def default_prompts() -> list[dict[str, Any]]:
-    """The bundled prompt set: code, chat, math, prose and rewrite prompts. Each entry
-    has ``id``, ``kind``, ``text`` and ``chat`` (apply the chat template when the model
-    has one)."""
-    text = resources.files("ssd_core").joinpath("bench_prompts.json").read_text("utf-8")
-    return list(json.loads(text)["prompts"])
 
 
 def aggregate(runs: Sequence[Metrics]) -> dict[str, float]:
@@ -112,8 +104,6 @@ def _plot(rows: dict[str, dict[str, float]], path: Path, clock: str) -> bool:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the bench the parsed command line describes; returns the exit code."""
-    from .cli import config_from, encode_prompt, load_models, sampling_from
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes:
         raise ConfigError("--modes needs at least one mode")
@@ -209,7 +199,4 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         return 0
     finally:
-        for m in (target, draft):
-            close = getattr(m, "free", None)
-            if callable(close):
-                close()
+        free_models(target, draft)

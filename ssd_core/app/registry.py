@@ -20,8 +20,7 @@ from typing import Any
 
 import attrs
 
-from ._errors import UnknownOptionError
-from ._protocol import Model
+from ssd_core import Model, UnknownOptionError
 
 __all__ = ["BackendSpec", "available_backends", "load_backend"]
 
