@@ -33,15 +33,23 @@ from __future__ import annotations
 
 import itertools
 import math
-import pickle
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 
-from ssd_core import HandleError, InputError, Lane, Machine, SamplingParams, SSDConfig
-from ssd_core._events import Extend, Request, perform
+from ssd_core import (
+    HandleError,
+    InputError,
+    Lane,
+    Machine,
+    RandomStream,
+    SamplingParams,
+    SSDConfig,
+    Stage,
+)
+from ssd_core.testing import Extend, Request, perform, to_numpy
 
 __all__ = [
     "EnumerationTooLarge",
@@ -156,8 +164,6 @@ def logits_fn_of(make_model: Callable[[], Any]) -> LogitsFn:
     Returns:
         The logits function (host numpy float64 rows).
     """
-    from ssd_core._math import to_host
-
     model = make_model()
     memo: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -168,7 +174,7 @@ def logits_fn_of(make_model: Callable[[], Any]) -> LogitsFn:
                 raise InputError("logits_fn_of needs a non-empty context")
             h = model.open(list(ctx[:-1]))
             try:
-                row = to_host(model.extend([(h, [ctx[-1]])]))[0]
+                row = to_numpy(model.extend([(h, [ctx[-1]])]))[0]
             finally:
                 model.close(h)
             memo[ctx] = np.array(row, dtype=np.float64)
@@ -342,9 +348,8 @@ class _ScriptSource:
             return []
 
         def options() -> list[tuple[list[Any], float]]:
-            from ssd_core._random import host_rows
-
-            rows = host_rows(weights)
+            rows = to_numpy(weights).astype(np.float64)
+            rows = rows / rows.sum(axis=1, keepdims=True)
             per = [[(int(t), float(r[t])) for t in np.flatnonzero(r > 0)] for r in rows]
             return _product(per)
 
@@ -408,11 +413,8 @@ class ExactComparison:
     target: dict[Outputs, float]
 
 
-_DRAWING_PURPOSES = ("verify", "tree", "draft:")
-
-
 def _may_draw(req: Request) -> bool:
-    return isinstance(req, Extend) and req.purpose.startswith(_DRAWING_PURPOSES)
+    return isinstance(req, Extend) and req.purpose.draws
 
 
 class _State:
@@ -428,23 +430,12 @@ class _State:
         self.tables = tables
         self.nexts = nexts
 
-    def clone(self) -> _State:
-        src = self.machine.source
-        self.machine.source = None  # type: ignore[assignment]
-        try:
-            m = pickle.loads(pickle.dumps(self.machine, protocol=pickle.HIGHEST_PROTOCOL))
-        finally:
-            self.machine.source = src
-        return _State(m, {lane: dict(t) for lane, t in self.tables.items()}, dict(self.nexts))
-
-
-def _shared_memo(m: Machine) -> dict[int, Any]:
-    """Immutable objects the copies can share (config, sampling params)."""
-    memo: dict[int, Any] = {id(m.config): m.config}
-    for s in m.seqs:
-        memo[id(s.params)] = s.params
-        memo[id(s.stop_ids)] = s.stop_ids
-    return memo
+    def clone(self, source: Any = None) -> _State:
+        return _State(
+            self.machine.clone(source),
+            {lane: dict(t) for lane, t in self.tables.items()},
+            dict(self.nexts),
+        )
 
 
 def _perform(models: dict[Lane, PureModel], state: _State, req: Request) -> Any:
@@ -457,54 +448,21 @@ def _perform(models: dict[Lane, PureModel], state: _State, req: Request) -> Any:
         state.nexts[req.lane] = model.next_handle
 
 
-def _row_bytes(x: Any) -> bytes:
-    from ssd_core._math import to_host
-
-    return b"" if x is None else np.ascontiguousarray(to_host(x), dtype=np.float64).tobytes()
-
-
-def _key(state: _State, adaptive: bool) -> Hashable:
-    """The canonical key of a round-boundary state: everything the future output can
-    depend on. Handle numbers and the draft-side KV contents are left out (they change
-    the work done, never a token); :func:`_check_mirrors` checks them instead."""
-    m = state.machine
-    parts: list[Hashable] = [m.phase.value]
-    for s in m.seqs:
-        spec = None if s.spec is None else (s.spec.tokens, _row_bytes(s.spec.q), s.spec.source)
-        parts.append((tuple(s.tokens), s.done, s.finish_reason, spec))
-    for lane in (Lane.TARGET, Lane.DRAFT):
-        parts.append(tuple(type(j).__name__ for j in m._queues[lane]))
-    if adaptive:
-        for name in ("primary", "backup"):
-            st = m.stats[name]
-            parts.append((st.accepted, st.proposed, tuple(st.ranks)))
-        parts.append(
-            (
-                tuple(m._jit_s),
-                tuple(m._round_s),
-                repr(m._tokens_by_source),
-                repr(attrs.asdict(m.metrics)),
-            )
-        )
-    return tuple(parts)
-
-
 def _check_mirrors(state: _State) -> None:
     """The machine's record of what each handle holds must match the backend's."""
-    m = state.machine
-    for s in m.seqs:
-        for lane, h, held in (
-            (Lane.TARGET, s.t_handle, s.t_held),
-            (Lane.DRAFT, s.d_handle, s.d_held),
-        ):
-            if h is None or lane not in state.tables:
-                continue
-            real = state.tables[lane].get(h)
-            if real is None or tuple(held) != real:
-                raise AssertionError(
-                    f"sequence {s.index}: the machine believes its {lane.value} handle holds "
-                    f"{tuple(held)}, the backend holds {real}"
-                )
+    for (sid, lane), (h, held) in state.machine.held().items():
+        if lane not in state.tables:
+            continue
+        real = state.tables[lane].get(h)
+        if real is None or tuple(held) != real:
+            raise AssertionError(
+                f"sequence {sid}: the machine believes its {lane.value} handle holds "
+                f"{tuple(held)}, the backend holds {real}"
+            )
+
+
+def _finished(m: Machine) -> bool:
+    return all(v.stage in (Stage.FINISHED, Stage.CLOSED) for v in m.sequences())
 
 
 def enumerate_machine(
@@ -560,20 +518,15 @@ def enumerate_machine(
         if draft is None:
             raise ValueError(f"mode {mode!r} needs a draft")
         models[Lane.DRAFT] = PureModel(draft, vocab_size=vocab_size, name="draft")
-    adaptive = mode == "ssd" and (
-        isinstance(config.fanout, int)
-        or isinstance(config.fanout_after_backup, int)
-        or config.fallback == "auto"
-    )
-    machine = Machine(
-        prompts=[list(p) for p in prompts],
-        params=list(params),
-        mode=mode,
-        config=config,
-        max_new_tokens=max_new_tokens,
-        vocab_size=vocab_size,
-        source=_ScriptSource([]),
-    )
+    machine = Machine(mode=mode, config=config, vocab_size=vocab_size, source=_ScriptSource([]))
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        machine.add(
+            list(prompt),
+            p,
+            max_new_tokens=max_new_tokens,
+            stream=RandomStream(None, i),
+            stop_ids=frozenset(p.stop_token_ids or ()),
+        )
     lanes = (Lane.TARGET, Lane.DRAFT) if order == "target_first" else (Lane.DRAFT, Lane.TARGET)
     frontier: dict[Hashable, tuple[_State, float]] = {
         "start": (_State(machine, {lane: {} for lane in models}, {lane: 0 for lane in models}), 1.0)
@@ -591,23 +544,23 @@ def enumerate_machine(
             expanded += 1
             if expanded > max_states:
                 raise EnumerationTooLarge(f"more than {max_states} states; use a smaller case")
-            base = state.machine.metrics
+            base = state.machine.counters
             h0, l0, f0 = base.cache_hits, base.cache_lookups, dict(base.fallbacks)
-            r0 = base.rounds
+            r0 = state.machine.rounds
             for child, p in _advance(state, prob, models, lanes, r0, wrap_source):
-                cm = child.machine.metrics
+                cm = child.machine.counters
                 hits += p * (cm.cache_hits - h0)
                 misses += p * ((cm.cache_lookups - l0) - (cm.cache_hits - h0))
                 for kind, n in cm.fallbacks.items():
                     if n - f0.get(kind, 0):
                         fallbacks[kind] = fallbacks.get(kind, 0.0) + p * (n - f0.get(kind, 0))
-                if child.machine.done:
-                    out = tuple(tuple(o) for o in child.machine.outputs)
+                if child.machine.idle:
+                    out = tuple(tuple(v.generated) for v in child.machine.sequences())
                     outputs[out] = outputs.get(out, 0.0) + p
                     leaked = max(leaked, sum(len(t) for t in child.tables.values()))
                     continue
                 _check_mirrors(child)
-                key = _key(child, adaptive)
+                key = child.machine.snapshot()
                 if key in nxt:
                     nxt[key] = (nxt[key][0], nxt[key][1] + p)
                 else:
@@ -628,15 +581,14 @@ def enumerate_machine(
 
 def _speculation_deviation(states: Any) -> float:
     """Lemma (ii): served speculations are fresh samples from the q they carry."""
-    from ssd_core._math import to_host
-
     groups: dict[Hashable, dict[tuple[int, ...], list[Any]]] = {}
     for st, p in states:
-        for s in st.machine.seqs:
-            if s.spec is None or not s.spec.tokens or s.done:
+        for v in st.machine.sequences():
+            spec = v.speculation
+            if spec is None or not spec.tokens or v.stage not in (Stage.READY, Stage.VERIFYING):
                 continue
-            g = groups.setdefault((s.index, tuple(s.tokens), s.spec.source), {})
-            entry = g.setdefault(s.spec.tokens, [0.0, s.spec.q])
+            g = groups.setdefault((v.sid, v.tokens, spec.source), {})
+            entry = g.setdefault(spec.tokens, [0.0, spec.q])
             entry[0] += p
     dev = 0.0
     for g in groups.values():
@@ -645,7 +597,7 @@ def _speculation_deviation(states: Any) -> float:
             if q is None:  # fast backup tokens: point masses, q is one-hot on each token
                 want = 1.0
             else:
-                rows = to_host(q).astype(np.float64)
+                rows = to_numpy(q).astype(np.float64)
                 rows = rows / rows.sum(axis=1, keepdims=True)
                 want = math.prod(float(rows[i, t]) for i, t in enumerate(toks))
             dev = max(dev, abs(p / mass - want))
@@ -667,7 +619,7 @@ def _advance(
     while stack:
         st, p = stack.pop()
         m = st.machine
-        if m.done or (m.metrics.rounds > rounds0 and not all(s.done for s in m.seqs)):
+        if m.idle or (m.rounds > rounds0 and not _finished(m)):
             done.append((st, p))
             continue
         req = None
@@ -676,9 +628,8 @@ def _advance(
             if req is not None:
                 break
         if req is None:
-            raise RuntimeError(f"the machine is stuck in {m.phase} with nothing to do")
+            raise RuntimeError(f"the machine is stuck in {m.state} with nothing to do")
         if not _may_draw(req):
-            m.source = _ScriptSource([])  # type: ignore[assignment]
             result = _perform(models, st, req)
             m.deliver(req, result)
             stack.append((st, p))
@@ -696,11 +647,10 @@ def _deliver_all(
     wrap: Callable[[Any], Any] | None,
 ) -> list[tuple[_State, float]]:
     """Deliver ``req`` (outstanding on ``st``) once per outcome of its draws."""
-    child = st.clone()
-    creq = child.machine._in_flight[req.lane]
-    assert creq is not None
     src: Any = _ScriptSource(script)
-    child.machine.source = wrap(src) if wrap is not None else src
+    child = st.clone(wrap(src) if wrap is not None else src)
+    creq = child.machine.outstanding(req.lane)
+    assert creq is not None
     result = _perform(models, child, creq)
     try:
         child.machine.deliver(creq, result)

@@ -38,5 +38,5 @@ for temperature in (0.0, 1.0):
         base = base or m.tokens_per_second
         print(
             f"  {mode:3s} {m.tokens_per_second:7.1f} simulated tok/s ({m.tokens_per_second / base:4.2f}x AR)"
-            f"  acceptance {m.acceptance_rate:4.0%}  cache hits {m.cache_hit_rate:4.0%}"
+            f"  acceptance {m.acceptance_per_token:4.0%}  cache hits {m.cache_hit_rate:4.0%}"
         )

@@ -15,11 +15,20 @@ import itertools
 import time
 from collections import defaultdict
 
+import attrs
 import numpy as np
 
-import ssd_core._jobs as M
 from backends._handles import HandleTable
-from ssd_core import SamplingParams, SSDConfig, generate
+from ssd_core import SamplingParams, SeededSource, SSDConfig, generate
+from ssd_core.testing import (
+    MathOps,
+    accept_probabilities,
+    check_logits,
+    draft_weights,
+    residual_weights,
+    target_probs,
+    using_ops,
+)
 
 
 class PoolModel:
@@ -66,42 +75,59 @@ class PoolModel:
 
 
 def instrument():
+    """Time the machine's math through the public seams: its MathOps and its random
+    source (target side: processing, acceptance, residuals and their draws; draft side:
+    proposal weights and their draws)."""
     spent = defaultdict(float)
-    for cls, key in (
-        (M._VerifyJob, "target_math"),
-        (M._TreeJob, "draft_math"),
-        (M._DraftJob, "draft_math"),
-    ):
-        orig = cls.receive
 
-        def timed(self, req, res, _orig=orig, _key=key):
+    def timed(fn, key):
+        def wrapper(*args):
             t0 = time.perf_counter()
             try:
-                return _orig(self, req, res)
+                return fn(*args)
             finally:
-                spent[_key] += time.perf_counter() - t0
+                spent[key] += time.perf_counter() - t0
 
-        cls.receive = timed
-    return spent
+        return wrapper
+
+    exact = MathOps()
+    ops = attrs.evolve(
+        exact,
+        target_probs=timed(exact.target_probs, "target_math"),
+        accept_probabilities=timed(exact.accept_probabilities, "target_math"),
+        residual_weights=timed(exact.residual_weights, "target_math"),
+        draft_weights=timed(exact.draft_weights, "draft_math"),
+    )
+
+    class TimedSource(SeededSource):
+        def bernoulli(self, keys, probs):
+            return timed(super().bernoulli, "target_math")(keys, probs)
+
+        def categorical(self, keys, weights):
+            side = "draft_math" if keys and keys[0][0] in ("tree", "neural") else "target_math"
+            return timed(super().categorical, side)(keys, weights)
+
+    return spent, ops, TimedSource
 
 
 def run(b, k, budget, v, tokens):
     target = PoolModel(v, 1)
     draft = PoolModel(v, 2, noise=1.0)
-    spent = instrument_spent
+    spent, ops, source = INSTRUMENTS
     spent.clear()
     t0 = time.perf_counter()
-    out = generate(
-        target,
-        draft,
-        prompts=[[i + 1, i + 2] for i in range(b)],
-        mode="ssd",
-        max_new_tokens=tokens,
-        sampling=SamplingParams(temperature=1.0),
-        config=SSDConfig(k=k, fanout=budget, fallback="neural"),
-        driver="sequential",
-        seed=0,
-    )
+    with using_ops(ops):
+        out = generate(
+            target,
+            draft,
+            prompts=[[i + 1, i + 2] for i in range(b)],
+            mode="ssd",
+            max_new_tokens=tokens,
+            sampling=SamplingParams(temperature=1.0),
+            config=SSDConfig(k=k, fanout=budget, fallback="neural"),
+            driver="sequential",
+            source=source(0),
+        )
     wall = time.perf_counter() - t0
     rounds = out.metrics.rounds
     backend = target.busy + draft.busy
@@ -117,17 +143,12 @@ def run(b, k, budget, v, tokens):
 
 def tree_math_only(v=50_000, rows=168, reps=5):
     """The issue's figure: Saguaro draft weights + one categorical draw per row."""
-    from ssd_core._math import draft_weights
-    from ssd_core._random import SeededSource
-
     z = np.random.default_rng(0).standard_normal((rows, v)).astype(np.float32)
     src = SeededSource(0)
     keys = [("tree", i) for i in range(rows)]
     best = 1e9
     for _ in range(reps):
         t0 = time.perf_counter()
-        from ssd_core._math import check_logits
-
         zz = check_logits(z, rows, v, who="x", what="y")
         w = draft_weights(zz, [1.0] * rows, [3] * rows, 0.5)
         src.categorical(keys, w)
@@ -136,9 +157,6 @@ def tree_math_only(v=50_000, rows=168, reps=5):
 
 
 def verify_math_only(v=50_000, k=4, reps=20):
-    from ssd_core._math import accept_probabilities, check_logits, residual_weights, target_probs
-    from ssd_core._random import SeededSource
-
     rng = np.random.default_rng(0)
     z = rng.standard_normal((k + 1, v)).astype(np.float32)
     q = np.exp(rng.standard_normal((k, v)))
@@ -164,7 +182,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     print(f"verification math, B=1 K=4 V=50k (5 rows): {verify_math_only() * 1e3:.2f} ms")
     print(f"draft-tree math, 24 x 7 = 168 rows, V=50k:  {tree_math_only() * 1e3:.1f} ms")
-    instrument_spent = instrument()
+    INSTRUMENTS = instrument()
     grid = (
         [(1, 4, 24, 50_000)]
         if args.quick

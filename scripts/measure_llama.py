@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 passes += m.target_passes
                 generated += m.generated_tokens
                 identical &= args.temperature > 0 or res.tokens[0] == ar[p["id"]]
-                per_prompt[p["id"]] = round(m.acceptance_rate, 3)
+                per_prompt[p["id"]] = round(m.accepted_per_proposed, 3)
             wall = time.perf_counter() - t0
             row = {
                 "draft": spec, "mode": mode, "acceptance_rate": accepted / max(proposed, 1),

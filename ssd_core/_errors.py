@@ -10,6 +10,9 @@ from __future__ import annotations
 
 __all__ = [
     "BackendContractError",
+    "EngineClosedError",
+    "GenerationError",
+    "LaneTimeoutError",
     "CapacityError",
     "ConfigError",
     "HandleError",
@@ -57,6 +60,30 @@ class BackendContractError(SSDError, RuntimeError):
 
 class MachineError(SSDError, RuntimeError):
     """The state machine was driven wrongly, or is in its ERROR state after a failure."""
+
+
+class EngineClosedError(MachineError):
+    """A request was submitted to (or waited on from) an engine that has shut down."""
+
+
+class GenerationError(SSDError, RuntimeError):
+    """A run failed part-way; nothing committed before the fault is lost.
+
+    ``partial`` holds what was generated before the failure: a
+    :class:`~ssd_core.GenerateResult` from :func:`~ssd_core.generate` and
+    :func:`~ssd_core.stream`, a :class:`~ssd_core.RequestResult` from an engine
+    request. The original exception is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, partial: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class LaneTimeoutError(GenerationError, TimeoutError):
+    """A backend call on the *target* lane ran past its timeout. The stuck call may
+    still be running in its worker thread; its handles are left open rather than
+    closed under it (see ``docs/reliability.md``)."""
 
 
 class InternalError(SSDError, RuntimeError):

@@ -1,19 +1,27 @@
 """The machine's jobs: one lane's work, one request at a time.
 
-A job emits requests (:mod:`ssd_core._events`) through ``next`` and consumes their
-results through ``receive``; :class:`~ssd_core._machine.Machine` queues them per lane
-and moves between phases when they finish (see the theory of operation there).
+A job is built by the :class:`~ssd_core.Machine` from *frozen inputs* (a snapshot of
+the sequences it serves) and a frozen :class:`JobContext`; it emits requests
+(:mod:`ssd_core._requests`) through :meth:`Job.next`, consumes their results through
+:meth:`Job.receive`, and when done holds a typed *result* (:class:`Opened`,
+:class:`Drafted`, :class:`Verified`, :class:`TreeResult`) that the machine applies. A
+job never sees the machine and never writes a sequence, so a driver may run a whole
+job on a lane's worker thread.
+
+The tree job's stages change only through :data:`TREE_TRANSITIONS`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import array_api_compat
 import attrs
 
 from ._config import SamplingParams
-from ._errors import InternalError
-from ._events import Close, Extend, Fork, Lane, Open, Request
+from ._errors import BackendContractError, InternalError
 from ._math import (
     accept_probabilities,
     check_logits,
@@ -26,413 +34,724 @@ from ._math import (
     top_ids,
 )
 from ._protocol import Handle
-from ._random import Key
-from ._sequence import Outcome, Speculation, _Seq, _sync
+from ._random import Key, RandomSource, Stream
+from ._requests import Close, Extend, Fork, Lane, Open, Purpose, Request
+from ._sequence import DraftHandle, Outcome, Speculation, TargetHandle
 
-if TYPE_CHECKING:
-    from ._machine import Machine
+__all__ = [
+    "TREE_TRANSITIONS",
+    "Branch",
+    "JobContext",
+    "MathOps",
+    "TreeStage",
+]
 
 
-class _Job:
+def _default_target_probs(rows: Any, params: Sequence[SamplingParams], positions: Any) -> Any:
+    return target_probs(rows, params)
+
+
+def _default_lookup(branches: Sequence[Branch], sid: int, outcome: Outcome) -> Branch | None:
+    for b in branches:
+        if b.sid == sid and b.k == outcome.accepted and b.token == outcome.token:
+            return b
+    return None
+
+
+@attrs.frozen(kw_only=True)
+class MathOps:
+    """The verification math and the cache lookup the machine uses: a public seam for
+    audits and for the deliberately lossy variants the exactness tests must catch.
+
+    Attributes:
+        target_probs: ``(rows, params, positions) -> p``: processed target rows;
+            ``positions[i]`` is row i's position in its sequence's verification block
+            (0 = the first verified token).
+        draft_weights: ``(logits, temperatures, fanouts, saguaro_c) -> q`` rows.
+        accept_probabilities: ``(p, q, tokens) -> [min(1, p(d)/q(d))]``.
+        residual_weights: ``(p_row, q_row) -> max(0, p - q)`` (p when it has no mass).
+        lookup: ``(branches, sid, outcome) -> branch or None``: the cached branch
+            that serves ``outcome`` of sequence ``sid``.
+    """
+
+    target_probs: Callable[[Any, Sequence[SamplingParams], Any], Any] = _default_target_probs
+    draft_weights: Callable[[Any, Sequence[float], Sequence[int], float], Any] = draft_weights
+    accept_probabilities: Callable[[Any, Any, Sequence[int]], list[float]] = accept_probabilities
+    residual_weights: Callable[[Any, Any], Any] = residual_weights
+    lookup: Callable[[Sequence[Branch], int, Outcome], Branch | None] = _default_lookup
+
+
+#: The MathOps a Machine uses when none is given (a stack: see
+#: :func:`ssd_core.testing.using_ops`).
+_OPS_STACK: list[MathOps] = [MathOps()]
+
+
+def default_ops() -> MathOps:
+    """The MathOps new machines use: the exact math unless a test swapped it."""
+    return _OPS_STACK[-1]
+
+
+@attrs.frozen(kw_only=True)
+class JobContext:
+    """What every job may read: fixed for the machine's life."""
+
+    k: int
+    vocab_size: int
+    source: RandomSource
+    saguaro_c: float
+    target_name: str
+    draft_name: str
+    ops: MathOps
+
+    def contract(self, lane: Lane, message: str) -> BackendContractError:
+        who = self.target_name if lane is Lane.TARGET else self.draft_name
+        return BackendContractError(f"backend {who!r}: {message}")
+
+    def name(self, lane: Lane) -> str:
+        return self.target_name if lane is Lane.TARGET else self.draft_name
+
+
+def _device(x: Any) -> Any:
+    return array_api_compat.device(x)
+
+
+# -- the job protocol ------------------------------------------------------------------
+
+
+class Job:
+    """One lane's unit of work. ``closes`` (handles to release first) ride along with
+    whatever job next runs on the lane, so closing costs no extra hand-off."""
+
     lane: Lane
-    done: bool = False
-    busy_s: float = 0.0
+    purpose: Purpose | None = None
 
-    def next(self, rid: int) -> Request | None:
-        raise NotImplementedError
+    def __init__(self, closes: Sequence[Handle] = ()) -> None:
+        self.closes = tuple(closes)
+        self._close_pending = bool(self.closes)
+        self.done = False
+        #: Busy seconds per kind of call, as the driver reported them.
+        self.elapsed: list[tuple[str, float]] = []
 
-    def receive(self, request: Request, result: Any) -> None:
-        raise NotImplementedError
-
-
-class _OpenJob(_Job):
-    def __init__(self, machine: Machine, lane: Lane) -> None:
-        self.m = machine
-        self.lane = lane
-        self.sent = False
-
-    def next(self, rid: int) -> Request | None:
-        if self.sent:
+    def next(self) -> Request | None:
+        """The next request, or ``None`` when the job is done (the caller checks
+        :attr:`done`). Called only when no request of this job is outstanding."""
+        if self._close_pending:
+            return Close(lane=self.lane, handles=self.closes)
+        if self.done:
             return None
-        self.sent = True
-        prompts = tuple(tuple(s.tokens[:-1]) for s in self.m.seqs)
-        return Open(id=rid, lane=self.lane, prompts=prompts)
+        req = self._next()
+        if req is None:
+            self.done = True
+        return req
 
-    def receive(self, request: Request, result: Any) -> None:
+    def receive(self, request: Request, result: Any, elapsed: float = 0.0) -> None:
+        """Consume the result of the request :meth:`next` returned last."""
+        if isinstance(request, Close) and self._close_pending:
+            self._close_pending = False
+            self.elapsed.append(("cache_op", elapsed))
+            return
+        kind = (
+            request.purpose.value
+            if isinstance(request, Extend)
+            else ("open" if isinstance(request, Open) else "cache_op")
+        )
+        self.elapsed.append((kind, elapsed))
+        self._receive(request, result)
+
+    def attach_closes(self, handles: Sequence[Handle]) -> None:
+        """Release ``handles`` before the job's own first request."""
+        self.closes = self.closes + tuple(handles)
+        self._close_pending = bool(self.closes)
+
+    def pending_closes(self) -> tuple[Handle, ...]:
+        """The handles this job will close first and has not closed yet."""
+        return self.closes if self._close_pending else ()
+
+    @property
+    def busy_s(self) -> float:
+        return sum(t for _, t in self.elapsed)
+
+    def result(self) -> Any:
+        return None
+
+    def _next(self) -> Request | None:
+        raise NotImplementedError
+
+    def _receive(self, request: Request, result: Any) -> None:
+        raise NotImplementedError
+
+
+class CloseJob(Job):
+    """Release handles when nothing else is about to run on the lane."""
+
+    def __init__(self, lane: Lane, closes: Sequence[Handle]) -> None:
+        super().__init__(closes)
+        self.lane = lane
+
+    def _next(self) -> Request | None:
+        return None
+
+
+# -- open ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Opened:
+    """Result of an :class:`OpenJob`: each sequence's new handle (empty prefill)."""
+
+    lane: Lane
+    handles: dict[int, Handle]
+
+
+class OpenJob(Job):
+    """Prefill: one handle per sequence holding all but its last prompt token."""
+
+    def __init__(
+        self,
+        ctx: JobContext,
+        lane: Lane,
+        prompts: dict[int, tuple[int, ...]],
+        closes: Sequence[Handle] = (),
+    ) -> None:
+        super().__init__(closes)
+        self.ctx = ctx
+        self.lane = lane
+        self.prompts = prompts
+        self._sent = False
+        self._handles: dict[int, Handle] = {}
+
+    def _next(self) -> Request | None:
+        if self._sent:
+            return None
+        self._sent = True
+        return Open(lane=self.lane, prompts=tuple(p[:-1] for p in self.prompts.values()))
+
+    def _receive(self, request: Request, result: Any) -> None:
         handles = tuple(result)
-        if len(handles) != len(self.m.seqs):
-            self.m.contract(
-                self.lane, f"open returned {len(handles)} handles for {len(self.m.seqs)} prompts"
+        if len(handles) != len(self.prompts):
+            raise self.ctx.contract(
+                self.lane, f"open returned {len(handles)} handles for {len(self.prompts)} prompts"
             )
-        for s, h in zip(self.m.seqs, handles):
-            if self.lane is Lane.TARGET:
-                s.t_handle, s.t_held = h, list(s.tokens[:-1])
-            else:
-                s.d_handle, s.d_held = h, list(s.tokens[:-1])
-        self.done = True
+        self._handles = dict(zip(self.prompts, handles))
+
+    def result(self) -> Opened:
+        return Opened(lane=self.lane, handles=self._handles)
+
+    def made(self) -> list[Handle]:
+        return list(self._handles.values())
 
 
-class _CloseJob(_Job):
-    def __init__(self, lane: Lane, handles: list[Handle]) -> None:
-        self.lane = lane
-        self.handles = tuple(handles)
-        self.sent = False
-        self.done = not handles
-
-    def next(self, rid: int) -> Request | None:
-        if self.sent or self.done:
-            return None
-        self.sent = True
-        return Close(id=rid, lane=self.lane, handles=self.handles)
-
-    def receive(self, request: Request, result: Any) -> None:
-        self.done = True
+# -- verification ----------------------------------------------------------------------
 
 
-class _VerifyJob(_Job):
-    """One batched target pass over every live sequence's speculation, then the
+@attrs.frozen
+class VerifyInput:
+    sid: int
+    stream: Stream
+    round: int
+    tokens: tuple[int, ...]
+    spec: Speculation
+    params: SamplingParams
+    target: TargetHandle
+
+
+@attrs.frozen
+class Verified:
+    """Result of a :class:`VerifyJob`: each sequence's outcome and target handle."""
+
+    outcomes: dict[int, Outcome]
+    target: dict[int, TargetHandle]
+
+
+class VerifyJob(Job):
+    """One batched target pass over every member's speculation, then the
     rejection-sampling verification of each."""
 
     lane = Lane.TARGET
+    purpose = Purpose.VERIFY
 
-    def __init__(self, machine: Machine, seqs: list[_Seq]) -> None:
-        self.m = machine
-        self.seqs = seqs
-        self.sent = False
-        self.outcomes: dict[int, Outcome] = {}
+    def __init__(
+        self, ctx: JobContext, seqs: Sequence[VerifyInput], closes: Sequence[Handle] = ()
+    ) -> None:
+        super().__init__(closes)
+        self.ctx = ctx
+        self.seqs = tuple(seqs)
+        self._sent = False
+        self._held: dict[int, TargetHandle] = {}
+        self._outcomes: dict[int, Outcome] = {}
+        #: Set (atomically) once the outcomes are known: what a pruned tree waits for.
+        self.outcomes: dict[int, Outcome] | None = None
 
-    def next(self, rid: int) -> Request | None:
-        if self.sent:
+    def _next(self) -> Request | None:
+        if self._sent:
             return None
-        self.sent = True
+        self._sent = True
         items = []
         for s in self.seqs:
-            desired = s.tokens + list(s.spec.tokens)  # type: ignore[union-attr]
-            keep, feed = _sync(s.t_held, desired, len(s.tokens) - 1)
-            items.append((s.t_handle, keep, feed))
-            s.t_held = desired
-        self.request = Extend(id=rid, lane=Lane.TARGET, items=tuple(items), purpose="verify")
-        return self.request
+            desired = s.tokens + s.spec.tokens
+            keep, feed = s.target.sync(desired, len(s.tokens) - 1)
+            items.append((s.target.handle, keep, feed))
+            self._held[s.sid] = TargetHandle(handle=s.target.handle, held=desired)
+        return Extend(lane=Lane.TARGET, items=tuple(items), purpose=Purpose.VERIFY)
 
-    def receive(self, request: Request, result: Any) -> None:
-        m = self.m
+    def _receive(self, request: Request, result: Any) -> None:
+        ctx, ops = self.ctx, self.ctx.ops
         assert isinstance(request, Extend)
         logits = check_logits(
-            result, request.rows, m.vocab_size, who=m.target_name, what="verification"
+            result, request.rows, ctx.vocab_size, who=ctx.target_name, what="verification"
         )
         xp = namespace(logits)
         # Gather each sequence's K_i + 1 needed rows into one block.
         picks: list[int] = []
         params: list[SamplingParams] = []
+        positions: list[int] = []
         offset = 0
         for s, (_, _, feed) in zip(self.seqs, request.items):
-            n = len(s.spec.tokens) + 1  # type: ignore[union-attr]
+            n = len(s.spec.tokens) + 1
             start = offset + len(feed) - n
             picks.extend(range(start, start + n))
             params.extend([s.params] * n)
+            positions.extend(range(n))
             offset += len(feed)
         rows = xp.take(logits, xp.asarray(picks, device=_device(logits)), axis=0)
-        p = target_probs(rows, params)
+        p = ops.target_probs(rows, params, tuple(positions))
 
-        # Acceptance tests, one position at a time so a rejection ends the draws.
         starts, at = [], 0
-        q_rows = []
+        q_rows: list[Any] = []
         for s in self.seqs:
             starts.append(at)
-            k = len(s.spec.tokens)  # type: ignore[union-attr]
+            k = len(s.spec.tokens)
             at += k + 1
-            if k and s.spec.q is None:  # type: ignore[union-attr]
+            if not k:
+                q_rows.append(None)
+            elif s.spec.q is None:
                 # Point masses (fast backup tokens): one-hot rows, built where p lives.
-                cols = xp.arange(m.vocab_size, device=_device(p))
-                toks = xp.asarray(list(s.spec.tokens), device=_device(p))  # type: ignore[union-attr]
+                cols = xp.arange(ctx.vocab_size, device=_device(p))
+                toks = xp.asarray(list(s.spec.tokens), device=_device(p))
                 q_rows.append(xp.astype(cols[None, :] == toks[:, None], xp.float64))
-            elif k:
-                q_rows.append(move_like(s.spec.q, p))  # type: ignore[union-attr]
-        accept_p: list[list[float]] = []
-        for s, st, q in zip(self.seqs, starts, _iter_q(self.seqs, q_rows)):
-            toks = s.spec.tokens  # type: ignore[union-attr]
-            accept_p.append(accept_probabilities(p[st : st + len(toks)], q, toks) if toks else [])
+            else:
+                q_rows.append(move_like(s.spec.q, p))
+        accept_p = [
+            ops.accept_probabilities(p[st : st + len(s.spec.tokens)], q, s.spec.tokens)
+            if s.spec.tokens
+            else []
+            for s, st, q in zip(self.seqs, starts, q_rows)
+        ]
+        # Acceptance tests, one position at a time so a rejection ends the draws.
         accepted = [0] * len(self.seqs)
-        running = [i for i, s in enumerate(self.seqs) if s.spec.tokens]  # type: ignore[union-attr]
+        running = [i for i, s in enumerate(self.seqs) if s.spec.tokens]
         pos = 0
         while running:
             keys: list[Key] = [
-                ("accept", self.seqs[i].index, self.seqs[i].rounds, pos) for i in running
+                ("accept", self.seqs[i].stream, self.seqs[i].round, pos) for i in running
             ]
-            draws = m.source.bernoulli(keys, [accept_p[i][pos] for i in running])
+            draws = ctx.source.bernoulli(keys, [accept_p[i][pos] for i in running])
             still = []
             for i, ok in zip(running, draws):
                 if ok:
                     accepted[i] += 1
-                    if accepted[i] < len(self.seqs[i].spec.tokens):  # type: ignore[union-attr]
+                    if accepted[i] < len(self.seqs[i].spec.tokens):
                         still.append(i)
             running = still
             pos += 1
 
         # One recovery (residual) or bonus draw per sequence, batched.
         last_rows = []
-        for i, (s, st, q) in enumerate(zip(self.seqs, starts, _iter_q(self.seqs, q_rows))):
+        for i, (s, st, q) in enumerate(zip(self.seqs, starts, q_rows)):
             a = accepted[i]
-            if a < len(s.spec.tokens):  # type: ignore[union-attr]
-                last_rows.append(residual_weights(p[st + a], q[a]))
+            if a < len(s.spec.tokens):
+                last_rows.append(ops.residual_weights(p[st + a], q[a]))
             else:
                 last_rows.append(p[st + a])
-        token_keys: list[Key] = [("token", s.index, s.rounds) for s in self.seqs]
-        tokens = m.source.categorical(token_keys, xp.stack(last_rows))
-        for i, s in enumerate(self.seqs):
-            self.outcomes[s.index] = Outcome(
-                accepted=accepted[i],
-                token=tokens[i],
-                proposed=len(s.spec.tokens),  # type: ignore[union-attr]
-            )
-        self.done = True
+        token_keys: list[Key] = [("token", s.stream, s.round) for s in self.seqs]
+        tokens = ctx.source.categorical(token_keys, xp.stack(last_rows))
+        self._outcomes = {
+            s.sid: Outcome(accepted=accepted[i], token=tokens[i], proposed=len(s.spec.tokens))
+            for i, s in enumerate(self.seqs)
+        }
+        self.outcomes = self._outcomes
+
+    def result(self) -> Verified:
+        return Verified(outcomes=self._outcomes, target=self._held)
 
 
-def _iter_q(seqs: list[_Seq], q_rows: list[Any]) -> list[Any]:
-    """q rows aligned with ``seqs`` (``None`` for sequences with an empty speculation)."""
-    out, it = [], iter(q_rows)
-    for s in seqs:
-        out.append(next(it) if s.spec.tokens else None)  # type: ignore[union-attr]
-    return out
+# -- just-in-time drafting -------------------------------------------------------------
 
 
-def _device(x: Any) -> Any:
-    import array_api_compat
+@attrs.frozen
+class DraftInput:
+    sid: int
+    stream: Stream
+    round: int
+    tokens: tuple[int, ...]
+    params: SamplingParams
+    draft: DraftHandle
+    #: How many tokens to draft (>= 1).
+    steps: int
+    #: Saguaro's F per drafted position (the fan-out the next tree will cache there).
+    saguaro_fan: tuple[int, ...]
 
-    return array_api_compat.device(x)
+
+@attrs.frozen
+class Drafted:
+    """Result of a :class:`DraftJob`: each sequence's speculation and draft handle."""
+
+    specs: dict[int, Speculation]
+    draft: dict[int, DraftHandle]
 
 
-class _DraftJob(_Job):
-    """Draft K tokens for some sequences, one batched draft pass per token."""
+class DraftJob(Job):
+    """Draft up to K tokens for some sequences, one batched draft pass per token."""
 
     lane = Lane.DRAFT
+    purpose = Purpose.DRAFT
 
-    def __init__(self, machine: Machine, seqs: list[_Seq], source: str) -> None:
-        self.m = machine
-        self.seqs = seqs
-        self.source = source
+    def __init__(
+        self, ctx: JobContext, seqs: Sequence[DraftInput], closes: Sequence[Handle] = ()
+    ) -> None:
+        super().__init__(closes)
+        self.ctx = ctx
+        self.seqs = tuple(seqs)
         self.step = 0
-        self.in_flight = False
-        self.tokens: dict[int, list[int]] = {s.index: [] for s in seqs}
-        self.rows: dict[int, list[Any]] = {s.index: [] for s in seqs}
-        self.done = not seqs
+        self._handles = {s.sid: s.draft for s in self.seqs}
+        self._tokens: dict[int, list[int]] = {s.sid: [] for s in self.seqs}
+        self._rows: dict[int, list[Any]] = {s.sid: [] for s in self.seqs}
+        self._fed_from: list[int] = []
+        self._active: list[DraftInput] = []
 
-    def next(self, rid: int) -> Request | None:
-        if self.done or self.in_flight:
+    def _next(self) -> Request | None:
+        self._active = [s for s in self.seqs if s.steps > self.step]
+        if not self._active:
             return None
-        self.in_flight = True
         items = []
-        self.fed_from = []
-        for s in self.seqs:
+        self._fed_from = []
+        for s in self._active:
+            d = self._handles[s.sid]
             if self.step == 0:
-                keep, feed, start = s.plan_draft(s.tokens, len(s.tokens) - 1)
+                keep, feed, start, kept = d.plan(s.tokens, len(s.tokens) - 1)
+                held = s.tokens
             else:
-                keep, feed, start = None, (self.tokens[s.index][-1],), len(s.d_held)
-                s.d_held.append(feed[0])
-            self.fed_from.append(start)
-            items.append((s.d_handle, keep, feed))
-        return Extend(id=rid, lane=Lane.DRAFT, items=tuple(items), purpose=f"draft:{self.source}")
+                keep, feed, start, kept = (
+                    None,
+                    (self._tokens[s.sid][-1],),
+                    len(d.held),
+                    dict(d.rows),
+                )
+                held = d.held + feed
+            self._handles[s.sid] = DraftHandle(handle=d.handle, held=held, rows=kept)
+            self._fed_from.append(start)
+            items.append((d.handle, keep, feed))
+        return Extend(lane=Lane.DRAFT, items=tuple(items), purpose=Purpose.DRAFT)
 
-    def receive(self, request: Request, result: Any) -> None:
-        m = self.m
+    def _receive(self, request: Request, result: Any) -> None:
+        ctx = self.ctx
         assert isinstance(request, Extend)
-        logits = check_logits(result, request.rows, m.vocab_size, who=m.draft_name, what="drafting")
+        logits = check_logits(
+            result, request.rows, ctx.vocab_size, who=ctx.draft_name, what="drafting"
+        )
         xp = namespace(logits)
         last, offset = [], 0
-        for s, start, (_, _, feed) in zip(self.seqs, self.fed_from, request.items):
+        for s, start, (_, _, feed) in zip(self._active, self._fed_from, request.items):
+            d = self._handles[s.sid]
+            rows = dict(d.rows)
             for j in range(len(feed)):
-                s.d_rows[start + j] = logits[offset + j]
+                rows[start + j] = logits[offset + j]
+            self._handles[s.sid] = DraftHandle(handle=d.handle, held=d.held, rows=rows)
             offset += len(feed)
             last.append(offset - 1)
-        rows = xp.take(logits, xp.asarray(last, device=_device(logits)), axis=0)
-        fan = m.saguaro_fanout(backup=True)[self.step]
-        w = draft_weights(
-            rows,
-            [s.params.effective_draft_temperature for s in self.seqs],
-            [fan] * len(self.seqs),
-            m.saguaro_c,
+        picked = xp.take(logits, xp.asarray(last, device=_device(logits)), axis=0)
+        w = ctx.ops.draft_weights(
+            picked,
+            [s.params.effective_draft_temperature for s in self._active],
+            [s.saguaro_fan[self.step] for s in self._active],
+            ctx.saguaro_c,
         )
-        keys = [(self.source, s.index, s.rounds, self.step) for s in self.seqs]
-        drawn = m.source.categorical(keys, w)
-        for i, s in enumerate(self.seqs):
-            self.tokens[s.index].append(drawn[i])
-            self.rows[s.index].append(w[i])
+        keys: list[Key] = [("neural", s.stream, s.round, self.step) for s in self._active]
+        drawn = ctx.source.categorical(keys, w)
+        for i, s in enumerate(self._active):
+            self._tokens[s.sid].append(drawn[i])
+            self._rows[s.sid].append(w[i])
         self.step += 1
-        self.in_flight = False
-        if self.step == m.k:
-            for s in self.seqs:
-                s.spec = Speculation(
-                    tokens=tuple(self.tokens[s.index]),
-                    q=xp.stack(self.rows[s.index]),
-                    source=self.source,
-                )
-            self.done = True
+
+    def result(self) -> Drafted:
+        specs = {}
+        for s in self.seqs:
+            rows = self._rows[s.sid]
+            if not rows:
+                raise InternalError(f"draft job: sequence {s.sid} was drafted no token")
+            xp = namespace(rows[0])
+            specs[s.sid] = Speculation(
+                tokens=tuple(self._tokens[s.sid]), q=xp.stack(rows), source="neural"
+            )
+        return Drafted(specs=specs, draft=self._handles)
+
+
+# -- the SSD tree ----------------------------------------------------------------------
+
+
+class TreeStage(enum.Enum):
+    GLUE = "glue"  # score the speculation being verified: rows g_0..g_K
+    FORK = "fork"  # one handle per cached candidate
+    STEP = "step"  # one batched draft token per live branch
+    DONE = "done"
+
+
+class TreeEvent(enum.Enum):
+    GLUED = "glued"
+    NO_BRANCHES = "no_branches"
+    FORKED = "forked"
+    STEPPED = "stepped"
+    COMPLETE = "complete"
+    ALL_PRUNED = "all_pruned"
+
+
+#: (stage, event) -> next stage of a tree job.
+TREE_TRANSITIONS: dict[tuple[TreeStage, TreeEvent], TreeStage] = {
+    (TreeStage.GLUE, TreeEvent.GLUED): TreeStage.FORK,
+    (TreeStage.GLUE, TreeEvent.NO_BRANCHES): TreeStage.DONE,
+    (TreeStage.FORK, TreeEvent.FORKED): TreeStage.STEP,
+    (TreeStage.FORK, TreeEvent.ALL_PRUNED): TreeStage.DONE,
+    (TreeStage.STEP, TreeEvent.STEPPED): TreeStage.STEP,
+    (TreeStage.STEP, TreeEvent.COMPLETE): TreeStage.DONE,
+    (TreeStage.STEP, TreeEvent.ALL_PRUNED): TreeStage.DONE,
+}
+
+
+@attrs.frozen
+class TreeInput:
+    sid: int
+    stream: Stream
+    round: int
+    tokens: tuple[int, ...]
+    spec: Speculation
+    params: SamplingParams
+    draft: DraftHandle
+    #: F_0..F_{K_i}: candidates to cache after "k accepted", k = 0..len(spec).
+    fanout: tuple[int, ...]
+    #: Tree-decode steps a branch that serves "k accepted" needs (0: none).
+    steps: tuple[int, ...]
+    #: Saguaro's F per decoded position (the fan-out the round after will cache).
+    saguaro_fan: tuple[int, ...]
 
 
 @attrs.define(eq=False)
-class _Branch:
-    seq: _Seq
+class Branch:
+    """One cached speculation: for sequence ``sid`` after the outcome "``k`` accepted,
+    then ``token``". ``context`` is what the branch handle holds once ``token`` is fed;
+    ``tokens`` and ``q`` are the sampled speculation, ``raw`` its raw draft rows."""
+
+    sid: int
     k: int
     token: int
-    #: The tokens the branch handle holds once its first token is fed (parent prefix +
-    #: candidate); the sampled tokens follow.
-    context: list[int]
+    context: tuple[int, ...]
+    steps: int
     handle: Handle = None
     tokens: list[int] = attrs.field(factory=list)
-    rows: list[Any] = attrs.field(factory=list)
+    q: list[Any] = attrs.field(factory=list)
     raw: list[Any] = attrs.field(factory=list)
-    live: bool = True
-    promoted: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.tokens) == self.steps
 
 
-class _TreeJob(_Job):
-    """SSD's draft-side work during a verification: glue pass, forks, tree decode."""
+@attrs.frozen
+class TreeResult:
+    """Result of a :class:`TreeJob`."""
+
+    #: Rows g_0..g_{K_i} per sequence (for the rank of the realised outcome).
+    glue: dict[int, Any]
+    #: Each sequence's draft handle after the glue pass.
+    draft: dict[int, DraftHandle]
+    branches: tuple[Branch, ...]
+
+    def handles(self) -> list[Handle]:
+        return [b.handle for b in self.branches if b.handle is not None]
+
+    def rank(self, sid: int, spec: Speculation, outcome: Outcome) -> int | None:
+        """1 + how many candidates the draft ranked above the realised token."""
+        g = self.glue.get(sid)
+        if g is None:
+            return None
+        k = outcome.accepted
+        exclude = spec.tokens[k] if k < len(spec.tokens) else None
+        return count_above(g[k], outcome.token, exclude) + 1
+
+
+class TreeJob(Job):
+    """SSD's draft-side work during a verification: glue pass, forks, tree decode.
+
+    When the verification finishes first, :meth:`prune` names the one outcome per
+    sequence that can still be used; every other branch is dropped, and no draw is made
+    for a dropped branch (names stay unique). ``prune`` only swaps one reference, so it
+    is safe to call while a worker thread runs the job.
+    """
 
     lane = Lane.DRAFT
 
-    def __init__(self, machine: Machine, seqs: list[_Seq]) -> None:
-        self.m = machine
-        self.seqs = [s for s in seqs if len(s.spec.tokens) == machine.k]  # type: ignore[union-attr]
-        self.stage = "glue"
+    def __init__(
+        self, ctx: JobContext, seqs: Sequence[TreeInput], closes: Sequence[Handle] = ()
+    ) -> None:
+        super().__init__(closes)
+        self.ctx = ctx
+        self.seqs = tuple(seqs)
+        self.stage = TreeStage.GLUE
         self.step = 0
-        self.in_flight = False
-        self.glue: dict[int, Any] = {}
-        self.branches: list[_Branch] = []
-        self.wanted: dict[int, tuple[int, int]] | None = None  # set once the outcome is known
-        self.done = not self.seqs
+        self._wanted: dict[int, tuple[int, int]] | None = None
+        self._glue: dict[int, Any] = {}
+        self._draft: dict[int, DraftHandle] = {s.sid: s.draft for s in self.seqs}
+        self.branches: list[Branch] = []
+        self._sent: list[Branch] = []
+        self._fed_from: list[int] = []
 
-    # The verification finished first: only the branch matching each outcome matters.
     def prune(self, outcomes: dict[int, Outcome]) -> None:
-        self.wanted = {i: (o.accepted, o.token) for i, o in outcomes.items()}
-        for b in self.branches:
-            if (b.k, b.token) != self.wanted.get(b.seq.index):
-                b.live = False
-        self._maybe_finish()
+        self._wanted = {sid: (o.accepted, o.token) for sid, o in outcomes.items()}
 
-    def _maybe_finish(self) -> None:
-        if self.stage == "step" and not any(b.live for b in self.branches):
-            self.done = True
+    def _goto(self, event: TreeEvent) -> None:
+        try:
+            self.stage = TREE_TRANSITIONS[(self.stage, event)]
+        except KeyError:
+            raise InternalError(f"tree job: no transition from {self.stage} on {event}") from None
 
-    def next(self, rid: int) -> Request | None:
-        if self.done or self.in_flight:
-            return None
-        if self.stage == "glue":
-            glue: list[tuple[Handle, int | None, tuple[int, ...]]] = []
-            self.fed_from = []
+    def _live(self) -> list[Branch]:
+        wanted = self._wanted
+        return [
+            b
+            for b in self.branches
+            if b.steps > self.step
+            and (wanted is None or wanted.get(b.sid) == (b.k, b.token))
+            and (self.stage is TreeStage.FORK or b.handle is not None)
+        ]
+
+    def _next(self) -> Request | None:
+        if self.stage is TreeStage.GLUE:
+            items: list[tuple[Handle, int | None, tuple[int, ...]]] = []
+            self._fed_from = []
             for s in self.seqs:
-                desired = s.tokens + list(s.spec.tokens)  # type: ignore[union-attr]
-                keep, feed, start = s.plan_draft(desired, len(s.tokens) - 1)
-                glue.append((s.d_handle, keep, feed))
-                self.fed_from.append(start)
-            req: Request = Extend(id=rid, lane=Lane.DRAFT, items=tuple(glue), purpose="glue")
-        else:
-            self._sent = [b for b in self.branches if b.live]
-            if not self._sent:
-                self.done = True
-                return None
-            if self.stage == "fork":
-                req = Fork(
-                    id=rid,
-                    lane=Lane.DRAFT,
-                    items=tuple((b.seq.d_handle, len(b.seq.tokens) + b.k) for b in self._sent),
-                )
-            else:
-                items = tuple(
-                    (b.handle, None, (b.token if self.step == 0 else b.tokens[-1],))
-                    for b in self._sent
-                )
-                req = Extend(id=rid, lane=Lane.DRAFT, items=items, purpose="tree")
-        self.in_flight = True
-        return req
+                desired = s.tokens + s.spec.tokens
+                d = self._draft[s.sid]
+                keep, feed, start, kept = d.plan(desired, len(s.tokens) - 1)
+                self._draft[s.sid] = DraftHandle(handle=d.handle, held=desired, rows=kept)
+                items.append((d.handle, keep, feed))
+                self._fed_from.append(start)
+            return Extend(lane=Lane.DRAFT, items=tuple(items), purpose=Purpose.GLUE)
+        if self.stage is TreeStage.DONE:
+            return None
+        self._sent = self._live()
+        if not self._sent:
+            self._goto(TreeEvent.ALL_PRUNED)
+            return None
+        if self.stage is TreeStage.FORK:
+            by_sid = {s.sid: s for s in self.seqs}
+            return Fork(
+                lane=Lane.DRAFT,
+                items=tuple(
+                    (self._draft[b.sid].handle, len(by_sid[b.sid].tokens) + b.k) for b in self._sent
+                ),
+            )
+        return Extend(
+            lane=Lane.DRAFT,
+            items=tuple(
+                (b.handle, None, (b.token if self.step == 0 else b.tokens[-1],)) for b in self._sent
+            ),
+            purpose=Purpose.TREE,
+        )
 
-    def receive(self, request: Request, result: Any) -> None:
-        m = self.m
-        self.in_flight = False
-        if self.stage == "glue":
+    def _receive(self, request: Request, result: Any) -> None:
+        ctx = self.ctx
+        if self.stage is TreeStage.GLUE:
             assert isinstance(request, Extend)
             logits = check_logits(
-                result, request.rows, m.vocab_size, who=m.draft_name, what="glue pass"
+                result, request.rows, ctx.vocab_size, who=ctx.draft_name, what="glue pass"
             )
             xp = namespace(logits)
             offset = 0
-            for s, start, (_, _, feed) in zip(self.seqs, self.fed_from, request.items):
+            for s, start, (_, _, feed) in zip(self.seqs, self._fed_from, request.items):
+                d = self._draft[s.sid]
+                rows = dict(d.rows)
                 for j in range(len(feed)):
-                    s.d_rows[start + j] = logits[offset + j]
+                    rows[start + j] = logits[offset + j]
+                self._draft[s.sid] = DraftHandle(handle=d.handle, held=d.held, rows=rows)
                 offset += len(feed)
                 first = len(s.tokens) - 1
-                self.glue[s.index] = xp.stack([s.d_rows[p] for p in range(first, first + m.k + 1)])
+                self._glue[s.sid] = xp.stack(
+                    [rows[p] for p in range(first, first + len(s.spec.tokens) + 1)]
+                )
             self._plan_branches()
-            self.stage = "fork"
-            if not self.branches:
-                self.done = True
-        elif self.stage == "fork":
+            self._goto(TreeEvent.GLUED if self.branches else TreeEvent.NO_BRANCHES)
+        elif self.stage is TreeStage.FORK:
             handles = tuple(result)
             if len(handles) != len(self._sent):
-                m.contract(
+                raise ctx.contract(
                     Lane.DRAFT, f"fork returned {len(handles)} handles for {len(self._sent)} forks"
                 )
             for b, h in zip(self._sent, handles):
                 b.handle = h
-            self.branches = [b for b in self.branches if b.handle is not None]
-            self.stage = "step"
-            self._maybe_finish()
+            self._goto(TreeEvent.FORKED)
         else:
             assert isinstance(request, Extend)
-            live = self._sent
             logits = check_logits(
-                result, request.rows, m.vocab_size, who=m.draft_name, what="tree decode"
+                result, request.rows, ctx.vocab_size, who=ctx.draft_name, what="tree decode"
             )
-            fan_next = m.saguaro_fanout(backup=False)
-            fan = fan_next[self.step] if self.step < len(fan_next) else 0
-            w = draft_weights(
-                logits,
-                [b.seq.params.effective_draft_temperature for b in live],
-                [fan] * len(live),
-                m.saguaro_c,
-            )
-            keys = [("tree", b.seq.index, b.seq.rounds + 1, b.k, b.token, self.step) for b in live]
-            drawn = m.source.categorical(keys, w)
-            for i, b in enumerate(live):
-                b.tokens.append(drawn[i])
-                b.rows.append(w[i])
-                b.raw.append(logits[i])
+            # Only branches still wanted draw (a prune may have landed meanwhile).
+            wanted = self._wanted
+            keep = [
+                i
+                for i, b in enumerate(self._sent)
+                if wanted is None or wanted.get(b.sid) == (b.k, b.token)
+            ]
+            if keep:
+                xp = namespace(logits)
+                live = [self._sent[i] for i in keep]
+                rows = (
+                    logits
+                    if len(keep) == len(self._sent)
+                    else xp.take(logits, xp.asarray(keep, device=_device(logits)), axis=0)
+                )
+                by_sid = {s.sid: s for s in self.seqs}
+                w = ctx.ops.draft_weights(
+                    rows,
+                    [by_sid[b.sid].params.effective_draft_temperature for b in live],
+                    [_at(by_sid[b.sid].saguaro_fan, self.step) for b in live],
+                    ctx.saguaro_c,
+                )
+                keys: list[Key] = [
+                    ("tree", by_sid[b.sid].stream, by_sid[b.sid].round + 1, b.k, b.token, self.step)
+                    for b in live
+                ]
+                drawn = ctx.source.categorical(keys, w)
+                for i, b in enumerate(live):
+                    b.tokens.append(drawn[i])
+                    b.q.append(w[i])
+                    b.raw.append(rows[i])
             self.step += 1
-            if self.step == m.k:
-                self.done = True
+            more = any(b.steps > self.step for b in self.branches if b.handle is not None)
+            self._goto(TreeEvent.STEPPED if more else TreeEvent.COMPLETE)
 
     def _plan_branches(self) -> None:
-        m = self.m
+        wanted = self._wanted
         for s in self.seqs:
-            fan = m.fanout_for(s.spec.source)  # type: ignore[union-attr]
-            g = self.glue[s.index]
-            spec = s.spec.tokens  # type: ignore[union-attr]
-            for k in range(m.k + 1):
-                if fan[k] <= 0:
+            g = self._glue[s.sid]
+            spec = s.spec.tokens
+            for k in range(len(spec) + 1):
+                if s.fanout[k] <= 0 or s.steps[k] <= 0:
                     continue
-                exclude = spec[k] if k < m.k else None
-                for t in top_ids(g[k], fan[k], exclude=exclude):
-                    if self.wanted is not None and self.wanted.get(s.index) != (k, t):
+                exclude = spec[k] if k < len(spec) else None
+                for t in top_ids(g[k], s.fanout[k], exclude=exclude):
+                    if wanted is not None and wanted.get(s.sid) != (k, t):
                         continue
-                    context = s.tokens + list(spec[:k]) + [t]
-                    self.branches.append(_Branch(seq=s, k=k, token=t, context=context))
+                    context = s.tokens + spec[:k] + (t,)
+                    self.branches.append(
+                        Branch(sid=s.sid, k=k, token=t, context=context, steps=s.steps[k])
+                    )
 
-    def lookup(self, seq: _Seq, outcome: Outcome) -> _Branch | None:
-        """The complete cached branch for this outcome, if the cache has one."""
-        for b in self.branches:
-            if b.seq is seq and b.k == outcome.accepted and b.token == outcome.token:
-                if len(b.tokens) != self.m.k:
-                    raise InternalError("a cached branch was used before it was complete")
-                return b
-        return None
+    def made(self) -> list[Handle]:
+        """Every branch handle the job holds (for cleanup)."""
+        return [b.handle for b in self.branches if b.handle is not None]
 
-    def rank(self, seq: _Seq, outcome: Outcome) -> int | None:
-        """1 + how many candidates the draft ranked above the realised token."""
-        g = self.glue.get(seq.index)
-        if g is None:
-            return None
-        spec = seq.spec.tokens  # type: ignore[union-attr]
-        exclude = spec[outcome.accepted] if outcome.accepted < len(spec) else None
-        return count_above(g[outcome.accepted], outcome.token, exclude) + 1
+    def result(self) -> TreeResult:
+        return TreeResult(glue=self._glue, draft=self._draft, branches=tuple(self.branches))
 
-    def handles(self) -> list[Handle]:
-        return [b.handle for b in self.branches if b.handle is not None and not b.promoted]
+
+def _at(values: tuple[int, ...], i: int) -> int:
+    return values[i] if i < len(values) else 0

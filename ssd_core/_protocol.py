@@ -18,10 +18,12 @@ branches alive at once (one per fork) and cheaply roll back rejected tokens.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Handle", "Model", "Tokenizer", "free_model"]
+__all__ = ["Handle", "Model", "Tokenizer", "free_model", "model_lock"]
 
 #: An opaque, hashable name for one sequence's backend-side state. Backends choose the
 #: type (an int is typical); the core only stores handles and passes them back.
@@ -36,7 +38,8 @@ class Tokenizer(Protocol):
     have several). ``decode`` must accept any ids the model can produce.
     """
 
-    eos_token_ids: tuple[int, ...]
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Tokenise ``text``; ``add_special_tokens`` prepends BOS where the model wants it."""
@@ -51,21 +54,28 @@ class Tokenizer(Protocol):
 class Model(Protocol):
     """A language model the core can score sequences with.
 
-    Class or instance attributes (capability flags and facts):
+    Read-only facts (class attributes, instance attributes or properties all do):
 
     * ``name`` -- short human-readable name, used in error messages and reports.
     * ``vocab_size`` -- number of logits per row. Draft and target must agree.
     * ``context_size`` -- the most tokens one handle may hold, or ``None`` if unbounded.
-      The core stops a sequence with finish reason ``"length"`` before exceeding it.
+      The core stops a sequence with finish reason ``"length"`` before exceeding it,
+      and refuses a prompt that leaves no room to generate.
     * ``tokenizer`` -- a :class:`Tokenizer`, or ``None`` for id-only models.
-    * ``max_handles`` (optional) -- the most handles that may be open at once, if the
-      backend has such a limit. SSD keeps ``1 + fan-out`` draft handles per sequence;
-      :func:`~ssd_core.generate` refuses a configuration that needs more.
 
-    Threads: the core calls one model from one thread at a time, but the threaded
-    driver calls the draft and the target from two threads at once. A backend that
+    Optional capability flags (looked up with ``getattr``):
+
+    * ``max_handles`` -- the most handles that may be open at once, if the backend has
+      such a limit. SSD keeps ``1 + fan-out`` draft handles per sequence; the engine
+      refuses a configuration that needs more.
+    * ``free()`` -- release the whole model (engine context, weights) at once;
+      :func:`free_model` calls it.
+
+    Threads: the core never calls one model from two threads at once. Every call the
+    engine makes holds the model's lock (:func:`model_lock`), so the same object can
+    be the target and the draft, and two engines can share a model. A backend that
     releases the GIL while it computes (llama.cpp, torch, onnxruntime do) gets real
-    overlap; one that does not still works, without the overlap.
+    overlap between *different* models; one that does not still works, without it.
 
     Must:
 
@@ -96,10 +106,17 @@ class Model(Protocol):
     * :class:`~ssd_core.InputError` for a token id outside ``[0, vocab_size)``.
     """
 
-    name: str
-    vocab_size: int
-    context_size: int | None
-    tokenizer: Tokenizer | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def context_size(self) -> int | None: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...
 
     def open(self, tokens: Sequence[int]) -> Handle:
         """Make a new handle holding ``tokens`` (prefill). ``tokens`` may be empty.
@@ -146,3 +163,23 @@ def free_model(model: object) -> None:
     free = getattr(model, "free", None)
     if callable(free):
         free()
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_BY_ID: dict[int, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: object) -> threading.RLock:
+    """The lock every engine holds while it calls ``model``: one per model object, so
+    the same model as target and draft, or shared by two engines in two threads, is
+    never called from two threads at once (llama.cpp contexts, for one, crash when it
+    is). Re-entrant, so a backend may take it too."""
+    with _LOCKS_GUARD:
+        try:
+            lock = _LOCKS.get(model)
+            if lock is None:
+                lock = _LOCKS[model] = threading.RLock()
+            return lock
+        except TypeError:  # not weak-referenceable: keyed by identity for its lifetime
+            return _LOCKS_BY_ID.setdefault(id(model), threading.RLock())

@@ -1,12 +1,20 @@
 """The random source: every random decision the core makes goes through here.
 
 The core asks for *categorical* and *Bernoulli* draws, each named by a key that says
-which sequence, round and purpose it serves (``("tree", seq, round, k, token, step)``).
+which purpose, sequence and round it serves: ``(purpose, stream, round, ...)``, e.g.
+``("tree", stream, round, k, token, step)``. ``stream`` is the sequence's
+:class:`Stream` -- its own seed and index, never the machine's bookkeeping -- and
+``round`` counts that sequence's own verification rounds, so a request's draws depend
+only on its prompt, parameters and seed, not on what else is in flight.
+
 A :class:`SeededSource` realises each draw from a uniform derived from the seed and the
 key alone -- so the same seed gives the same tokens whatever order the draws happen in
 (threads, simulated clocks, a pruned tree), and on every array namespace. Another
 source (the conformance package's enumerating source) can branch on every outcome
 instead, because the draws are requested at this level rather than as raw uniforms.
+
+Purposes: ``accept`` (position i of a verification), ``token`` (the recovery or bonus
+token), ``neural`` (a just-in-time draft token), ``tree`` (a tree-decode token).
 """
 
 from __future__ import annotations
@@ -17,14 +25,33 @@ from collections.abc import Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import array_api_compat as compat
+import attrs
 import numpy as np
 
+from ._errors import InternalError
 from ._math import namespace, to_host
 
-__all__ = ["Key", "RandomSource", "SeededSource", "sample_inverse_cdf"]
+__all__ = ["Key", "RandomSource", "SeededSource", "Stream", "sample_inverse_cdf"]
 
-#: Names one draw. A tuple of ints and short strings.
+#: Names one draw: ``(purpose, stream, round, ...)`` with ints and short strings after.
 Key = tuple[Hashable, ...]
+
+
+@attrs.frozen
+class Stream:
+    """A sequence's identity for random draws.
+
+    ``seed`` seeds the sequence's draws under a :class:`SeededSource` (``None``: the
+    source's own seed); ``index`` tells apart sequences that share a seed (the prompts
+    of one :func:`~ssd_core.generate` call). Two sequences with the same stream and the
+    same prompt and parameters get the same tokens.
+    """
+
+    seed: int | None
+    index: int
+
+    def __repr__(self) -> str:  # draw names print the index, as plain ints did
+        return repr(self.index)
 
 
 @runtime_checkable
@@ -108,16 +135,42 @@ def _inverse_cdf_numpy(weights: np.ndarray, uniforms: Sequence[float]) -> list[i
     return out
 
 
-class SeededSource:
-    """Reproducible draws: a uniform per key from ``blake2b(seed, key)``."""
+def _salt(seed: int) -> bytes:
+    return struct.pack("<Q", seed)
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)
-        self._salt = struct.pack("<q", self.seed & 0x7FFF_FFFF_FFFF_FFFF)
+
+class SeededSource:
+    """Reproducible draws: a uniform per key from ``blake2b(seed, key)``.
+
+    The seed is the key's :class:`Stream` seed when it has one, else this source's
+    own. With ``check_unique`` every key is remembered and a repeated name raises
+    :class:`~ssd_core.InternalError` (a debug mode the tests turn on: names are meant
+    to be unique per run, which is what makes draws independent).
+    """
+
+    def __init__(self, seed: int = 0, *, check_unique: bool = False) -> None:
+        from ._config import check_seed
+
+        self.seed = check_seed(seed)
+        self._salt = _salt(self.seed)
+        self.check_unique = check_unique
+        self._seen: set[Key] = set()
 
     def uniform(self, key: Key) -> float:
         """The uniform in ``[0, 1)`` this source assigns to ``key``."""
-        digest = hashlib.blake2b(repr(key).encode(), key=self._salt, digest_size=8).digest()
+        salt = self._salt
+        if len(key) > 1 and isinstance(key[1], Stream) and key[1].seed is not None:
+            salt = _salt(key[1].seed)
+        if self.check_unique:
+            name = (
+                key
+                if len(key) < 2 or not isinstance(key[1], Stream)
+                else (key[0], (key[1].seed, key[1].index), *key[2:])
+            )
+            if name in self._seen:
+                raise InternalError(f"the draw {key!r} was named twice in one run")
+            self._seen.add(name)
+        digest = hashlib.blake2b(repr(key).encode(), key=salt, digest_size=8).digest()
         return (int.from_bytes(digest, "little") >> 11) * (1.0 / (1 << 53))
 
     def bernoulli(self, keys: Sequence[Key], probs: Sequence[float]) -> list[bool]:

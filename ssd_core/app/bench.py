@@ -27,13 +27,15 @@ log = logging.getLogger("ssd_core.bench")
 
 
 def aggregate(runs: Sequence[Metrics]) -> dict[str, float]:
-    """Pool per-prompt metrics: counts are summed, rates recomputed from the sums."""
+    """Pool per-prompt metrics: counts and times are summed, rates recomputed from the
+    sums (so a rate is never a mean of rates)."""
     s = {
         f: sum(getattr(m, f) for m in runs)
         for f in (
             "generated_tokens",
             "proposed_tokens",
             "accepted_tokens",
+            "rejections",
             "speculated_rounds",
             "sequence_rounds",
             "cache_lookups",
@@ -42,30 +44,40 @@ def aggregate(runs: Sequence[Metrics]) -> dict[str, float]:
             "target_busy_s",
             "draft_busy_s",
             "rounds",
+            "verify_total_s",
+            "verify_calls",
+            "jit_draft_total_s",
+            "jit_draft_calls",
+            "glue_total_s",
+            "glue_calls",
+            "tree_step_total_s",
+            "tree_step_calls",
         )
     }
-    verify = [m.verify_s for m in runs if m.verify_s]
-    step = [m.draft_step_s for m in runs if m.draft_step_s]
-    t_verify = sum(verify) / len(verify) if verify else 0.0
-    accept = s["accepted_tokens"] / s["proposed_tokens"] if s["proposed_tokens"] else 0.0
-    mean_acc = s["accepted_tokens"] / s["speculated_rounds"] if s["speculated_rounds"] else 0.0
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else 0.0
+
+    mean_verify = ratio(s["verify_total_s"], s["verify_calls"])
+    mean_acc = ratio(s["accepted_tokens"], s["speculated_rounds"])
     return {
         "tokens": s["generated_tokens"],
         "wall_s": s["wall_s"],
-        "tokens_per_s": s["generated_tokens"] / s["wall_s"] if s["wall_s"] else 0.0,
-        "acceptance_rate": accept,
+        "tokens_per_s": ratio(s["generated_tokens"], s["wall_s"]),
+        "accepted_per_proposed": ratio(s["accepted_tokens"], s["proposed_tokens"]),
+        "acceptance_per_token": ratio(s["accepted_tokens"], s["accepted_tokens"] + s["rejections"]),
         "mean_accepted_length": mean_acc,
-        "tokens_per_target_pass": s["generated_tokens"] / s["sequence_rounds"]
-        if s["sequence_rounds"]
-        else 0.0,
-        "cache_hit_rate": s["cache_hits"] / s["cache_lookups"] if s["cache_lookups"] else 0.0,
+        "tokens_per_target_pass": ratio(s["generated_tokens"], s["sequence_rounds"]),
+        "cache_hit_rate": ratio(s["cache_hits"], s["cache_lookups"]),
         "target_busy_s": s["target_busy_s"],
         "draft_busy_s": s["draft_busy_s"],
         "rounds": s["rounds"],
-        "t_verify_s": t_verify,
-        "t_draft_step_s": sum(step) / len(step) if step else 0.0,
+        "mean_verify_s": mean_verify,
+        "mean_jit_draft_s": ratio(s["jit_draft_total_s"], s["jit_draft_calls"]),
+        "mean_glue_s": ratio(s["glue_total_s"], s["glue_calls"]),
+        "mean_tree_step_s": ratio(s["tree_step_total_s"], s["tree_step_calls"]),
         # Saguaro's ideal SSD throughput: every round hides drafting completely.
-        "ssd_bound_tokens_per_s": (mean_acc + 1) / t_verify if t_verify else 0.0,
+        "ssd_bound_tokens_per_s": ratio(mean_acc + 1, mean_verify),
     }
 
 
@@ -150,15 +162,15 @@ def run_bench(args: argparse.Namespace) -> int:
         same = len({json.dumps(t) for t in tokens.values()}) == 1
 
         header = (
-            f"{'mode':5s} {'tok/s':>8s} {'accept':>7s} {'E[acc]':>7s} {'tok/pass':>8s} {'hit':>6s} "
-            f"{'T_verify':>9s} {'T_dstep':>8s} {'target_s':>9s} {'draft_s':>8s} {'wall_s':>7s} {'bound':>7s}"
+            f"{'mode':5s} {'tok/s':>8s} {'alpha':>7s} {'E[acc]':>7s} {'tok/pass':>8s} {'hit':>6s} "
+            f"{'T_verify':>9s} {'T_draft':>8s} {'target_s':>9s} {'draft_s':>8s} {'wall_s':>7s} {'bound':>7s}"
         )
         print(header)
         for mode, r in rows.items():
             print(
-                f"{mode:5s} {r['tokens_per_s']:8.1f} {r['acceptance_rate']:7.1%} "
+                f"{mode:5s} {r['tokens_per_s']:8.1f} {r['acceptance_per_token']:7.1%} "
                 f"{r['mean_accepted_length']:7.2f} {r['tokens_per_target_pass']:8.2f} "
-                f"{r['cache_hit_rate']:6.1%} {r['t_verify_s'] * 1e3:7.1f}ms {r['t_draft_step_s'] * 1e3:6.1f}ms "
+                f"{r['cache_hit_rate']:6.1%} {r['mean_verify_s'] * 1e3:7.1f}ms {r['mean_jit_draft_s'] * 1e3:6.1f}ms "
                 f"{r['target_busy_s']:9.2f} {r['draft_busy_s']:8.2f} {r['wall_s']:7.2f} "
                 f"{r['ssd_bound_tokens_per_s']:7.1f}"
             )

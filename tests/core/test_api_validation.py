@@ -118,4 +118,6 @@ def test_ssd_refuses_a_fanout_the_draft_cannot_hold(models):
     with pytest.raises(ConfigError, match="holds at most 10"):
         generate(target, draft, prompts=[[1], [2]], mode="ssd", config=SSDConfig(k=2, fanout=6))
     assert draft.calls == []
-    generate(target, draft, prompts=[[1]], mode="ssd", max_new_tokens=4, config=SSDConfig(k=2, fanout=6))
+    generate(
+        target, draft, prompts=[[1]], mode="ssd", max_new_tokens=4, config=SSDConfig(k=2, fanout=6)
+    )

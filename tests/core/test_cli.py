@@ -36,7 +36,12 @@ def test_generate_json(capsys):
     assert rc == 0
     obj = json.loads(capsys.readouterr().out)
     assert len(obj["tokens"]) == 12 and obj["text"] is None
-    for key in ("acceptance_rate", "cache_hit_rate", "tokens_per_second"):
+    for key in (
+        "acceptance_per_token",
+        "accepted_per_proposed",
+        "cache_hit_rate",
+        "tokens_per_second",
+    ):
         assert key in obj["metrics"]
     assert all(0 <= t < 32 for t in obj["tokens"])
 
@@ -99,8 +104,21 @@ def test_backends_lists_reference(capsys):
 
 def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    rc = main(["bench", "--backend", "reference", "--max-new-tokens", "8", "--limit", "2",
-               "--driver", "sequential", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--backend",
+            "reference",
+            "--max-new-tokens",
+            "8",
+            "--limit",
+            "2",
+            "--driver",
+            "sequential",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "greedy outputs identical across modes: True" in out
@@ -111,7 +129,11 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("spec", "text"),
-    [("vocab=x", "reference spec vocab='x'"), ("vocab", "is not key=value"), ("sleep=maybe", "yes/no")],
+    [
+        ("vocab=x", "reference spec vocab='x'"),
+        ("vocab", "is not key=value"),
+        ("sleep=maybe", "yes/no"),
+    ],
 )
 def test_reference_spec_errors(spec, text):
     from backends.reference import parse_spec

@@ -8,8 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssd_core import geometric_fanout
-from ssd_core._fanout import OutcomeStats
+from ssd_core import OutcomeStats, geometric_fanout
 
 
 @given(st.integers(0, 64), st.integers(1, 8), st.floats(0.0, 1.0), st.floats(0.05, 10))

@@ -35,6 +35,7 @@ def test_backend_exception_keeps_tokens_and_releases_everything(driver, who):
             config=SSDConfig(k=2, fanout=4, fallback="neural"),
             driver=driver,
             sampling=SamplingParams(temperature=1.0),
+            on_draft_error="raise",
         )
     assert isinstance(info.value.__cause__, RuntimeError)
     partial = info.value.partial
@@ -52,6 +53,34 @@ def test_backend_exception_keeps_tokens_and_releases_everything(driver, who):
     )
     for got, ref in zip(partial.tokens, full.tokens):
         assert ref[: len(got)] == got
+    assert t.open_handles == 0 and d.open_handles == 0
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("driver", ["sequential", "threaded", "simulated"])
+@pytest.mark.parametrize("nan", [False, True])
+def test_a_failing_draft_degrades_to_target_steps(driver, nan):
+    """on_draft_error="degrade" (the default): the run completes, no committed token is
+    lost or changed, every handle and thread is released, and the fault is counted."""
+    t, d = pair(vocab=16, seed=1)
+    kw = dict(
+        prompts=[[1, 2], [3]],
+        mode="ssd",
+        max_new_tokens=50,
+        config=SSDConfig(k=2, fanout=4, fallback="neural"),
+        driver=driver,
+        sampling=SamplingParams(temperature=1.0),
+    )
+    before = threading.active_count()
+    out = generate(t, Faulty(d, fail_at=9, nan=nan), **kw)
+    assert out.metrics.draft_faults == 1
+    assert [len(x) for x in out.tokens] == [50, 50]
+    # What was committed before the fault (the partial of a run that raises there) is
+    # kept as it was; target steps follow.
+    with pytest.raises(GenerationError) as info:
+        generate(t, Faulty(d, fail_at=9, nan=nan), on_draft_error="raise", **kw)
+    for got, before_fault in zip(out.tokens, info.value.partial.tokens):
+        assert got[: len(before_fault)] == before_fault
     assert t.open_handles == 0 and d.open_handles == 0
     assert threading.active_count() == before
 

@@ -89,6 +89,6 @@ def test_identical_draft_accepts_everything():
         config=SSDConfig(k=4, fanout=8),
     )
     m = out.metrics
-    assert m.acceptance_rate == 1.0
+    assert m.accepted_per_proposed == 1.0
     assert m.cache_hit_rate == 1.0  # the bonus token is the draft's top candidate at position K
     assert m.tokens_per_target_pass == 5.0

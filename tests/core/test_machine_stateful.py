@@ -1,9 +1,10 @@
-"""The machine under arbitrary interleavings of the two lanes (what threads can do).
+"""The machine under arbitrary interleavings of the two lanes (what threads can do),
+with sequences joining and being cancelled at any time (continuous batching).
 
 Invariants: a sequence's committed tokens only grow; every speculation the target
 verifies carries, for each draft token, the draft's own distribution at exactly that
 token's context (so the cache never serves another sequence's or another context's
-speculation); the metrics add up.
+speculation); the metrics add up; once the machine is idle, no handle is left open.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from backends.reference import ReferenceModel
-from ssd_core import Lane, Machine, SamplingParams, SeededSource, SSDConfig
-from ssd_core._events import perform
+from ssd_core import Lane, Machine, RandomStream, SamplingParams, SeededSource, SSDConfig, Stage
+from ssd_core.testing import Extend, Purpose, perform
 
 
 class Interleavings(RuleBasedStateMachine):
@@ -31,26 +32,48 @@ class Interleavings(RuleBasedStateMachine):
         self.target = ReferenceModel.random(vocab_size=6, order=2, seed=seed, peakedness=2.0)
         self.draft = ReferenceModel.perturbed(self.target, divergence=0.7, seed=seed + 1)
         self.temperature = temperature
-        prompts = [[(seed + i) % 6] * (i + 1) for i in range(batch)]
+        self.seed = seed
         self.m = Machine(
-            prompts=prompts,
-            params=[SamplingParams(temperature=temperature)] * batch,
             mode="ssd",
             config=SSDConfig(k=k, fanout=fanout, fallback=fallback),
-            max_new_tokens=12,
             vocab_size=6,
-            source=SeededSource(seed),
+            source=SeededSource(seed, check_unique=True),
         )
+        self.added = 0
+        for _ in range(batch):
+            self.add_one()
         self.models = {Lane.TARGET: self.target, Lane.DRAFT: self.draft}
         self.held = {Lane.TARGET: None, Lane.DRAFT: None}
-        self.last = [list(s.tokens) for s in self.m.seqs]
+        self.last = {v.sid: v.tokens for v in self.m.sequences()}
+
+    def add_one(self):
+        i = self.added
+        self.added += 1
+        self.m.add(
+            [(self.seed + i) % 6] * (i % 3 + 1),
+            SamplingParams(temperature=self.temperature),
+            max_new_tokens=12,
+            stream=RandomStream(None, i),
+        )
+
+    @precondition(lambda self: self.added < 6)
+    @rule()
+    def join(self):
+        self.add_one()
+
+    @rule(which=st.integers(0, 5))
+    def cancel(self, which):
+        live = [v.sid for v in self.m.sequences() if v.stage not in (Stage.FINISHED, Stage.CLOSED)]
+        if live:
+            self.m.finish(live[which % len(live)], "cancelled")
 
     @rule(lane=st.sampled_from([Lane.TARGET, Lane.DRAFT]))
     def issue(self, lane):
-        if not self.m.done and self.held[lane] is None:
+        if self.held[lane] is None:
             req = self.m.next_request(lane)
             if req is not None:
-                self.check_verified_speculations()
+                if isinstance(req, Extend) and req.purpose is Purpose.VERIFY:
+                    self.check_verified_speculations()
                 self.held[lane] = (req, perform(self.models[lane], req))
 
     @rule(lane=st.sampled_from([Lane.TARGET, Lane.DRAFT]))
@@ -61,16 +84,15 @@ class Interleavings(RuleBasedStateMachine):
             self.m.deliver(req, res, 0.0)
 
     def check_verified_speculations(self):
-        job = self.m._verify
-        if job is None:
-            return
-        for s in job.seqs:
-            spec = s.spec
+        for v in self.m.sequences():
+            if v.stage is not Stage.VERIFYING or v.speculation is None:
+                continue
+            spec = v.speculation
             if spec.source == "fast":
                 assert spec.q is None  # point masses: the verifier builds one-hot rows
                 continue
             for i, tok in enumerate(spec.tokens):
-                ctx = s.tokens + list(spec.tokens[:i])
+                ctx = list(v.tokens) + list(spec.tokens[:i])
                 z = self.draft.logits(ctx)
                 q = np.asarray(spec.q[i], dtype=np.float64)
                 q = q / q.sum()
@@ -84,21 +106,22 @@ class Interleavings(RuleBasedStateMachine):
     def committed_prefix_only_grows(self):
         if not hasattr(self, "m"):
             return
-        for old, s in zip(self.last, self.m.seqs):
-            assert s.tokens[: len(old)] == old
-        self.last = [list(s.tokens) for s in self.m.seqs]
+        for v in self.m.sequences():
+            old = self.last.get(v.sid, v.tokens[: v.prompt_len])
+            assert v.tokens[: len(old)] == old
+            self.last[v.sid] = v.tokens
 
     @invariant()
     def metrics_add_up(self):
         if not hasattr(self, "m"):
             return
-        m = self.m.metrics
-        assert m.generated_tokens == sum(len(o) for o in self.m.outputs)
-        assert m.accepted_tokens <= m.proposed_tokens
-        assert m.cache_hits <= m.cache_lookups
-        assert m.hits_after_primary + m.hits_after_backup == m.cache_hits
-        assert sum(m.fallbacks.values()) == m.cache_lookups - m.cache_hits
-        if self.m.done:
+        c = self.m.counters
+        assert c.generated_tokens == sum(len(v.generated) for v in self.m.sequences())
+        assert c.accepted_tokens <= c.proposed_tokens
+        assert c.cache_hits <= c.cache_lookups
+        assert c.hits_after_primary + c.hits_after_backup == c.cache_hits
+        assert sum(c.fallbacks.values()) == c.cache_lookups - c.cache_hits
+        if self.m.idle and all(h is None for h in self.held.values()):
             assert self.target.open_handles == 0 and self.draft.open_handles == 0
 
 

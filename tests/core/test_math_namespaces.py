@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssd_core import SamplingParams
-from ssd_core._math import accept_probabilities, draft_weights, residual_weights, target_probs
-from ssd_core._random import SeededSource
+from ssd_core import SamplingParams, SeededSource
+from ssd_core.testing import accept_probabilities, draft_weights, residual_weights, target_probs
 
 torch = pytest.importorskip("torch")
 
@@ -52,7 +51,7 @@ def test_float32_logits_are_promoted():
 
 
 def test_top_ids_and_ranks_agree_on_device_arrays():
-    from ssd_core._math import count_above, top_ids
+    from ssd_core.testing import count_above, top_ids
 
     z = np.round(np.random.default_rng(1).standard_normal(40), 1)  # ties
     z[3] = -np.inf

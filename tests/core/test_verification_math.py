@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssd_core import SamplingParams
-from ssd_core._math import accept_probabilities, draft_weights, residual_weights, target_probs
+from ssd_core.testing import accept_probabilities, draft_weights, residual_weights, target_probs
 
 
 def _logit_rows(draw, v):

@@ -1,8 +1,9 @@
 """Deliberately lossy variants of the machine, for negative controls only.
 
-Each variant is installed with pytest's ``monkeypatch`` on names that
-``ssd_core._machine`` looks up at call time (no seam was added to the core), or is a
-random-source wrapper. Each reproduces a trap from DESIGN.md section 3:
+Each variant is built on the public seams of :mod:`ssd_core.testing` -- a
+:class:`~ssd_core.testing.MathOps` (installed for a block with
+:func:`~ssd_core.testing.using_ops`) or a random-source wrapper -- never by patching a
+private module. Each reproduces a trap from DESIGN.md section 3:
 
 * ``argmax_accept_on_fast`` -- a point-mass (fast backup) proposal accepted iff it is
   the target's argmax (the reference engine's fast path at T > 0).
@@ -19,15 +20,14 @@ random-source wrapper. Each reproduces a trap from DESIGN.md section 3:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 import numpy as np
-import pytest
 
-import ssd_core._jobs as M
-from ssd_core._math import to_host
+from ssd_core.testing import MathOps, to_numpy, using_ops
 
 VARIANTS = (
     "argmax_accept_on_fast",
@@ -37,6 +37,8 @@ VARIANTS = (
     "cache_any_k",
     "cache_any_sequence",
 )
+
+EXACT = MathOps()
 
 
 class GreedyDraftSource:
@@ -51,85 +53,83 @@ class GreedyDraftSource:
 
     def categorical(self, keys: Any, weights: Any) -> list[int]:
         if keys and keys[0][0] in ("tree", "neural"):
-            w = to_host(weights)
+            w = to_numpy(weights)
             return [int(np.argmax(r)) for r in w]
         return self.inner.categorical(keys, weights)
 
 
-def install(variant: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], Any] | None:
-    """Install ``variant``; returns a source wrapper to pass along, or ``None``."""
+def lossy_ops(variant: str) -> MathOps | None:
+    """The MathOps of ``variant``, or ``None`` when it is a source wrapper."""
     if variant == "argmax_accept_on_fast":
-        orig = M.accept_probabilities
 
         def accept(p: Any, q: Any, tokens: Any) -> list[float]:
-            qh = to_host(q)
+            qh = to_numpy(q)
             if np.all(np.sum(qh > 0, axis=1) == 1):  # a point-mass (fast backup) proposal
-                ph = to_host(p)
+                ph = to_numpy(p)
                 return [1.0 if int(np.argmax(ph[i])) == t else 0.0 for i, t in enumerate(tokens)]
-            return orig(p, q, tokens)
+            return EXACT.accept_probabilities(p, q, tokens)
 
-        monkeypatch.setattr(M, "accept_probabilities", accept)
-        return None
+        return attrs.evolve(EXACT, accept_probabilities=accept)
 
     if variant == "unrescaled_q":
         plain: dict[bytes, np.ndarray] = {}
-        orig_dw, orig_acc, orig_res = M.draft_weights, M.accept_probabilities, M.residual_weights
 
         def dw(logits: Any, temps: Any, fans: Any, c: float) -> Any:
-            w = orig_dw(logits, temps, fans, c)
-            w0 = orig_dw(logits, temps, fans, 1.0)
-            for a, b in zip(to_host(w), to_host(w0), strict=True):
+            w = EXACT.draft_weights(logits, temps, fans, c)
+            w0 = EXACT.draft_weights(logits, temps, fans, 1.0)
+            for a, b in zip(to_numpy(w), to_numpy(w0), strict=True):
                 plain[np.ascontiguousarray(a).tobytes()] = b
             return w
 
         def swap(q: Any) -> Any:
-            qh = np.atleast_2d(to_host(q))
+            qh = np.atleast_2d(to_numpy(q))
             out = np.stack([plain.get(np.ascontiguousarray(r).tobytes(), r) for r in qh])
             return out if np.ndim(q) == 2 else out[0]
 
-        monkeypatch.setattr(M, "draft_weights", dw)
-        monkeypatch.setattr(M, "accept_probabilities", lambda p, q, t: orig_acc(p, swap(q), t))
-        monkeypatch.setattr(M, "residual_weights", lambda p, q: orig_res(p, swap(q)))
-        return None
-
-    if variant == "greedy_draft_softmax_q":
-        return GreedyDraftSource
+        return attrs.evolve(
+            EXACT,
+            draft_weights=dw,
+            accept_probabilities=lambda p, q, t: EXACT.accept_probabilities(p, swap(q), t),
+            residual_weights=lambda p, q: EXACT.residual_weights(p, swap(q)),
+        )
 
     if variant == "top_p_first_position_only":
-        first: list[set[int]] = [set()]
-        orig_recv = M._VerifyJob.receive
-        orig_tp = M.target_probs
 
-        def receive(self: Any, request: Any, result: Any) -> None:
-            starts, at = set(), 0
-            for s in self.seqs:
-                starts.add(at)
-                at += len(s.spec.tokens) + 1
-            first[0] = starts
-            orig_recv(self, request, result)
+        def tp(rows: Any, params: Any, positions: Any) -> Any:
+            full = EXACT.target_probs(rows, params, positions)
+            loose = EXACT.target_probs(
+                rows, [attrs.evolve(p, top_p=1.0) for p in params], positions
+            )
+            pick = np.array([pos == 0 for pos in positions])
+            return np.where(pick[:, None], to_numpy(full), to_numpy(loose))
 
-        def tp(rows: Any, params: Any) -> Any:
-            full = orig_tp(rows, params)
-            loose = orig_tp(rows, [attrs.evolve(p, top_p=1.0) for p in params])
-            pick = np.array([i in first[0] for i in range(len(params))])
-            return np.where(pick[:, None], to_host(full), to_host(loose))
-
-        monkeypatch.setattr(M._VerifyJob, "receive", receive)
-        monkeypatch.setattr(M, "target_probs", tp)
-        return None
+        return attrs.evolve(EXACT, target_probs=tp)
 
     if variant in ("cache_any_k", "cache_any_sequence"):
         any_k = variant == "cache_any_k"
 
-        def lookup(self: Any, seq: Any, outcome: Any) -> Any:
-            for b in self.branches:
-                same_seq = b.seq is seq or not any_k
+        def lookup(branches: Any, sid: int, outcome: Any) -> Any:
+            for b in branches:
+                same_seq = b.sid == sid or not any_k
                 same_k = b.k == outcome.accepted or any_k
-                if same_seq and same_k and b.token == outcome.token and len(b.tokens) == self.m.k:
+                if same_seq and same_k and b.token == outcome.token and b.complete:
                     return b
             return None
 
-        monkeypatch.setattr(M._TreeJob, "lookup", lookup)
-        return None
+        return attrs.evolve(EXACT, lookup=lookup)
 
+    if variant == "greedy_draft_softmax_q":
+        return None
     raise ValueError(variant)
+
+
+@contextlib.contextmanager
+def install(variant: str) -> Iterator[Callable[[Any], Any] | None]:
+    """Install ``variant`` for the block; yields a source wrapper to pass along, or
+    ``None``."""
+    ops = lossy_ops(variant)
+    if ops is None:
+        yield GreedyDraftSource
+        return
+    with using_ops(ops):
+        yield None

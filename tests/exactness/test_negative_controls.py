@@ -62,29 +62,32 @@ SEQ_CASE = dict(
 
 
 @pytest.mark.parametrize("variant", sorted(CASES))
-def test_exact_enumeration_catches(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exact_enumeration_catches(variant: str) -> None:
     kw = CASES[variant]
     clean = compare_exact(T.logits, D.logits, vocab_size=3, **kw)
     assert clean.max_abs_diff <= 1e-9
-    wrap = install(variant, monkeypatch)
-    bad = compare_exact(T.logits, D.logits, vocab_size=3, wrap_source=wrap, **kw)
+    with install(variant) as wrap:
+        bad = compare_exact(T.logits, D.logits, vocab_size=3, wrap_source=wrap, **kw)
     assert bad.max_abs_diff > 1e-3, f"{variant} not detected: max|diff| {bad.max_abs_diff:.3g}"
 
 
 @pytest.mark.slow  # ~3 minutes: a batch of two, three tokens, joint distribution
-def test_exact_enumeration_catches_cache_for_another_sequence(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    install("cache_any_sequence", monkeypatch)
-    bad = compare_exact(T.logits, D.logits, vocab_size=3, **SEQ_CASE)
+def test_exact_enumeration_catches_cache_for_another_sequence() -> None:
+    with install("cache_any_sequence"):
+        bad = compare_exact(T.logits, D.logits, vocab_size=3, **SEQ_CASE)
     assert bad.max_abs_diff > 1e-3
 
 
 @pytest.mark.parametrize("variant", sorted(CASES))
-def test_statistical_test_catches(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_statistical_test_catches(variant: str) -> None:
     kw = dict(CASES[variant])
-    wrap = install(variant, monkeypatch)
-    res = statistical_lossless_test(
+    with install(variant) as wrap:
+        res = _sample(kw, wrap)
+    assert res.rejected, f"{variant} not detected statistically: {res.summary()}"
+
+
+def _sample(kw: dict, wrap: object) -> object:
+    return statistical_lossless_test(
         lambda: ReferenceModel.random(vocab_size=3, order=2, seed=3, peakedness=1.0),
         lambda: ReferenceModel.perturbed(T, divergence=0.5),
         T.logits,
@@ -98,14 +101,18 @@ def test_statistical_test_catches(variant: str, monkeypatch: pytest.MonkeyPatch)
         alpha=1e-6,
         wrap_source=wrap,
     )
-    assert res.rejected, f"{variant} not detected statistically: {res.summary()}"
 
 
-def test_reuse_for_other_k_is_lossless(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reuse_for_other_k_is_lossless() -> None:
     """Full-tree (draft-first) enumeration: a lookup that ignores k still gives the
     exact distribution (a speculation is verified with the q it was sampled from)."""
-    install("cache_any_k", monkeypatch)
-    c = compare_exact(
+    with install("cache_any_k"):
+        c = _other_k()
+    assert c.max_abs_diff <= 1e-9
+
+
+def _other_k() -> object:
+    return compare_exact(
         T.logits,
         D.logits,
         vocab_size=3,
@@ -116,14 +123,18 @@ def test_reuse_for_other_k_is_lossless(monkeypatch: pytest.MonkeyPatch) -> None:
         max_new_tokens=2,
         order="draft_first",
     )
-    assert c.max_abs_diff <= 1e-9
 
 
-def test_lemma_ii_check_catches_greedy_draft(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lemma_ii_check_catches_greedy_draft() -> None:
     """The served-speculation check (lemma ii) has teeth: a greedy draft that records
     the softmax q serves speculations that are not samples from their q."""
-    wrap = install("greedy_draft_softmax_q", monkeypatch)
-    c = compare_exact(
+    with install("greedy_draft_softmax_q") as wrap:
+        c = _greedy_case(wrap)
+    assert c.machine.speculation_max_dev > 0.1
+
+
+def _greedy_case(wrap: object) -> object:
+    return compare_exact(
         T.logits,
         D.logits,
         vocab_size=3,
@@ -134,4 +145,3 @@ def test_lemma_ii_check_catches_greedy_draft(monkeypatch: pytest.MonkeyPatch) ->
         max_new_tokens=3,
         wrap_source=wrap,
     )
-    assert c.machine.speculation_max_dev > 0.1

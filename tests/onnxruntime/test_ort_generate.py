@@ -72,7 +72,7 @@ def test_self_draft_accepts_everything(onnx_files, oh):
         sampling=GREEDY,
         config=SSDConfig(k=4),
     )
-    assert out.metrics.acceptance_rate == 1.0
+    assert out.metrics.accepted_per_proposed == 1.0
 
 
 def test_sampling_runs_and_is_seeded(onnx_files, oh):

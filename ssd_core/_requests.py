@@ -1,9 +1,9 @@
 """Requests the state machine emits, and how a driver carries one out.
 
 The machine never calls a model. It emits frozen request values, each addressed to one
-*lane* (the target model or the draft model); a driver performs them -- in order, on
-threads, or on a simulated clock -- and hands each result back. At most one request
-per lane is outstanding at a time.
+*lane* (the target model or the draft model); a driver performs them -- inline, on a
+lane's worker thread, or on a simulated clock -- and hands each result back. At most
+one request per lane is outstanding at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import attrs
 
 from ._protocol import Handle, Model
 
-__all__ = ["Close", "Extend", "Fork", "Lane", "Open", "Request", "cost_of", "perform"]
+__all__ = ["Close", "Extend", "Fork", "Lane", "Open", "Purpose", "Request", "cost_of", "perform"]
 
 
 class Lane(enum.Enum):
@@ -25,11 +25,24 @@ class Lane(enum.Enum):
     DRAFT = "draft"
 
 
+class Purpose(enum.Enum):
+    """What an :class:`Extend` is for (timed separately in the metrics)."""
+
+    VERIFY = "verify"  # the target scores a speculation (draws: accept, token)
+    DRAFT = "draft"  # the draft proposes tokens just in time (draws: neural)
+    GLUE = "glue"  # the draft scores the speculation being verified (no draws)
+    TREE = "tree"  # one tree-decode step over the cached branches (draws: tree)
+
+    @property
+    def draws(self) -> bool:
+        """Whether delivering the result makes random draws."""
+        return self is not Purpose.GLUE
+
+
 @attrs.frozen(kw_only=True)
 class Open:
     """Open one handle per token list (prefill). Result: a tuple of handles."""
 
-    id: int
     lane: Lane
     prompts: tuple[tuple[int, ...], ...]
 
@@ -42,10 +55,9 @@ class Extend:
     ``keep`` tokens when ``keep`` is not ``None``. Result: the logits array.
     """
 
-    id: int
     lane: Lane
     items: tuple[tuple[Handle, int | None, tuple[int, ...]], ...]
-    purpose: str
+    purpose: Purpose
 
     @property
     def rows(self) -> int:
@@ -56,7 +68,6 @@ class Extend:
 class Fork:
     """Fork ``(handle, length)`` pairs. Result: a tuple of new handles."""
 
-    id: int
     lane: Lane
     items: tuple[tuple[Handle, int], ...]
 
@@ -65,7 +76,6 @@ class Fork:
 class Close:
     """Close handles. Result: ``None``."""
 
-    id: int
     lane: Lane
     handles: tuple[Handle, ...]
 
@@ -73,20 +83,48 @@ class Close:
 Request = Open | Extend | Fork | Close
 
 
+def _undo(model: Model, made: list[Handle], exc: BaseException) -> None:
+    for h in made:
+        try:
+            model.close(h)
+        except Exception as close_exc:  # keep the original failure; say what else broke
+            exc.add_note(f"closing handle {h!r} it had made also failed: {close_exc!r}")
+
+
 def perform(model: Model, request: Request) -> Any:
-    """Carry out ``request`` on ``model`` and return the result the machine expects."""
+    """Carry out ``request`` on ``model`` and return the result the machine expects.
+
+    Batches are atomic for handles: when opening or forking fails part-way, the handles
+    this call had already made are closed before the error propagates, so a failed
+    call leaves nothing behind. A failed ``Close`` still closes every other handle.
+    """
     if isinstance(request, Extend):
         for handle, keep, _ in request.items:
             if keep is not None:
                 model.truncate(handle, keep)
         return model.extend([(h, list(toks)) for h, _, toks in request.items])
-    if isinstance(request, Fork):
-        return tuple(model.fork(h, n) for h, n in request.items)
-    if isinstance(request, Open):
-        return tuple(model.open(list(p)) for p in request.prompts)
+    if isinstance(request, (Open, Fork)):
+        made: list[Handle] = []
+        try:
+            if isinstance(request, Open):
+                for p in request.prompts:
+                    made.append(model.open(list(p)))
+            else:
+                for h, n in request.items:
+                    made.append(model.fork(h, n))
+        except BaseException as exc:
+            _undo(model, made, exc)
+            raise
+        return tuple(made)
     if isinstance(request, Close):
+        first: BaseException | None = None
         for h in request.handles:
-            model.close(h)
+            try:
+                model.close(h)
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
         return None
     raise TypeError(f"not a request: {request!r}")
 
