@@ -243,7 +243,7 @@ def processed_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     if params.min_p > 0.0:
         p = np.where(p >= params.min_p * p.max(), p, 0.0)
         p = p / p.sum()
-    return p
+    return np.asarray(p, dtype=np.float64)
 
 
 def _stops(tokens: tuple[int, ...], gen: int, params: SamplingParams) -> bool:
@@ -276,8 +276,7 @@ def target_distribution(
             out[gen] = out.get(gen, 0.0) + prob
             return
         p = processed_probs(fn(ctx), params)
-        for t in np.flatnonzero(p > 0):
-            t = int(t)
+        for t in map(int, np.flatnonzero(p > 0)):
             ctx2, gen2 = ctx + (t,), gen + (t,)
             if _stops(ctx2, len(gen2), params):
                 out[gen2] = out.get(gen2, 0.0) + prob * float(p[t])
@@ -304,7 +303,7 @@ def joint_target_distribution(
     return out
 
 
-def total_variation(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> float:
+def total_variation(a: Mapping[Any, float], b: Mapping[Any, float]) -> float:
     """Half the L1 distance between two distributions given as dicts."""
     return 0.5 * sum(abs(a.get(x, 0.0) - b.get(x, 0.0)) for x in set(a) | set(b))
 
@@ -453,7 +452,7 @@ def _check_mirrors(state: _State) -> None:
     for (sid, lane), (h, held) in state.machine.held().items():
         if lane not in state.tables:
             continue
-        real = state.tables[lane].get(h)
+        real = state.tables[lane].get(h)  # type: ignore[call-overload]
         if real is None or tuple(held) != real:
             raise AssertionError(
                 f"sequence {sid}: the machine believes its {lane.value} handle holds "
@@ -519,13 +518,13 @@ def enumerate_machine(
             raise ValueError(f"mode {mode!r} needs a draft")
         models[Lane.DRAFT] = PureModel(draft, vocab_size=vocab_size, name="draft")
     machine = Machine(mode=mode, config=config, vocab_size=vocab_size, source=_ScriptSource([]))
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+    for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
         machine.add(
             list(prompt),
-            p,
+            sp,
             max_new_tokens=max_new_tokens,
             stream=RandomStream(None, i),
-            stop_ids=frozenset(p.stop_token_ids or ()),
+            stop_ids=frozenset(sp.stop_token_ids or ()),
         )
     lanes = (Lane.TARGET, Lane.DRAFT) if order == "target_first" else (Lane.DRAFT, Lane.TARGET)
     frontier: dict[Hashable, tuple[_State, float]] = {

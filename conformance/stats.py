@@ -103,8 +103,7 @@ def exact_prefix_distribution(
             out[gen] = prob
             return
         p = processed_probs(fn(ctx), params)
-        for t in np.flatnonzero(p > 0):
-            t = int(t)
+        for t in map(int, np.flatnonzero(p > 0)):
             g2 = gen + (t,)
             c2 = ctx + (t,)
             stop = (params.stop_token_ids and t in params.stop_token_ids) or any(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ssd_core import Model
 from ssd_core.app import BackendSpec, default_prompts
@@ -84,3 +84,10 @@ def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
             else:
                 p["tokens"] = tok.encode(p["text"])
     return prompts
+
+
+if TYPE_CHECKING:
+
+    def _is_a_model(model: LlamaCppModel) -> Model:
+        """mypy proves here that LlamaCppModel meets the Model protocol."""
+        return model

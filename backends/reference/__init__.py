@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ssd_core import LatencyModel
+from ssd_core import LatencyModel, Model
 from ssd_core.app import BackendSpec
 
-from .._specs import flag, parse_spec_items
+from .._specs import Keys, flag, parse_spec_items
 from ._model import ReferenceModel
 
 __all__ = ["BACKEND", "ReferenceModel", "parse_spec"]
 
-_KEYS = {
+_KEYS: Keys = {
     "vocab": ("vocab_size", int),
     "vocab_size": ("vocab_size", int),
     "order": ("order", int),
@@ -70,3 +70,10 @@ BACKEND = BackendSpec(
     default_draft="reference:divergence=0.5",
     description="exact numpy n-gram models built from a seed (tests, benchmarks)",
 )
+
+
+if TYPE_CHECKING:
+
+    def _is_a_model(model: ReferenceModel) -> Model:
+        """mypy proves here that ReferenceModel meets the Model protocol."""
+        return model

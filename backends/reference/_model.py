@@ -174,7 +174,7 @@ class ReferenceModel:
         """The exact temperature-1 next-token distribution after ``context``."""
         z = self.logits(context)
         z = np.exp(z - z.max())
-        return z / z.sum()
+        return np.asarray(z / z.sum(), dtype=np.float64)
 
     # -- the Model protocol ---------------------------------------------------------
 

@@ -39,7 +39,12 @@ def _staggered(engine: Engine, probe: list[int], params: SamplingParams, seed: i
     """Submit 7 other requests at staggered times and the probe in the middle of them;
     return the probe's tokens."""
     others = [
-        engine.submit(_others(i), sampling=SamplingParams(temperature=0.9, top_k=8), max_new_tokens=12 + i, seed=100 + i)
+        engine.submit(
+            _others(i),
+            sampling=SamplingParams(temperature=0.9, top_k=8),
+            max_new_tokens=12 + i,
+            seed=100 + i,
+        )
         for i in range(3)
     ]
     next(iter(others[0]))  # wait until the first round has committed something
@@ -47,7 +52,12 @@ def _staggered(engine: Engine, probe: list[int], params: SamplingParams, seed: i
     for i in range(3, 7):
         next(iter(others[i - 3]), None)
         others.append(
-            engine.submit(_others(i), sampling=SamplingParams(temperature=1.2), max_new_tokens=10, seed=100 + i)
+            engine.submit(
+                _others(i),
+                sampling=SamplingParams(temperature=1.2),
+                max_new_tokens=10,
+                seed=100 + i,
+            )
         )
     tokens = list(handle.result().tokens)
     for o in others:
@@ -64,7 +74,9 @@ def test_a_request_does_not_depend_on_what_else_is_in_flight(driver, temperature
     params = SamplingParams(temperature=temperature)
     probe, seed = [3, 1, 4], 77
     with Engine(target, draft, mode=mode, config=CONFIGS[config], driver=driver) as alone:
-        solo = list(alone.submit(probe, sampling=params, max_new_tokens=24, seed=seed).result().tokens)
+        solo = list(
+            alone.submit(probe, sampling=params, max_new_tokens=24, seed=seed).result().tokens
+        )
     with Engine(target, draft, mode=mode, config=CONFIGS[config], driver=driver) as busy:
         crowded = _staggered(busy, probe, params, seed)
     assert crowded == solo
@@ -102,7 +114,9 @@ def test_cancel_from_another_thread_frees_handles_within_a_round(driver):
     lat = LatencyModel(per_call=0.003)
     target = ReferenceModel.random(vocab_size=32, order=2, seed=1, latency=lat)
     draft = ReferenceModel.perturbed(target, divergence=0.3, latency=LatencyModel(per_call=0.001))
-    with Engine(target, draft, mode="ssd", driver=driver, config=SSDConfig(k=3, fanout=6)) as engine:
+    with Engine(
+        target, draft, mode="ssd", driver=driver, config=SSDConfig(k=3, fanout=6)
+    ) as engine:
         keep = engine.submit([1, 2, 3], max_new_tokens=60, seed=3)
         doomed = engine.submit([4], max_new_tokens=10_000, seed=4)
         next(iter(doomed))

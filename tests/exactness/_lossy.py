@@ -3,7 +3,7 @@
 Each variant is built on the public seams of :mod:`ssd_core.testing` -- a
 :class:`~ssd_core.testing.MathOps` (installed for a block with
 :func:`~ssd_core.testing.using_ops`) or a random-source wrapper -- never by patching a
-private module. Each reproduces a trap from DESIGN.md section 3:
+private module. Each reproduces a known trap (docs/exactness.md, section 4):
 
 * ``argmax_accept_on_fast`` -- a point-mass (fast backup) proposal accepted iff it is
   the target's argmax (the reference engine's fast path at T > 0).

@@ -1,4 +1,4 @@
-"""The two-lemma split (DESIGN.md section 2), for cases whole runs cannot reach.
+"""The two-lemma split (docs/exactness.md, section 2), for cases whole runs cannot reach.
 
 (i)  One verification round is exact for *any* proposal, point masses included:
      enumerate the first round only (max_new_tokens = 1 keeps only the first committed

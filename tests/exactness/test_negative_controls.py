@@ -5,7 +5,7 @@ Finding recorded here: serving a cached speculation built for a *different k* (a
 different context) is NOT lossy in this core, because a speculation carries the q its
 tokens were sampled from and the verifier uses that q -- the one-round lemma makes
 any proposal exact. The enumeration proves it (test_reuse_for_other_k_is_lossless);
-the trap of DESIGN.md section 3 bites only when the q is re-derived from the new
+the trap (docs/exactness.md, section 4) bites only when the q is re-derived from the new
 context. Reusing another *sequence's* speculation is lossy only jointly (the two
 sequences become correlated; each marginal stays exact), so it is detected by the
 exact joint enumeration.
