@@ -32,6 +32,7 @@ from ._fanout import OutcomeStats, geometric_fanout
 from ._latency import LatencyModel
 from ._machine import MACHINE_TRANSITIONS, Machine, MachineState
 from ._metrics import Metrics, RequestMetrics
+from ._policy import CostModel
 from ._protocol import Handle, Model, Tokenizer, free_model, model_lock
 from ._random import RandomSource, SeededSource
 from ._random import Stream as RandomStream
@@ -47,6 +48,7 @@ __all__ = [
     "BackendContractError",
     "CapacityError",
     "ConfigError",
+    "CostModel",
     "Engine",
     "EngineClosedError",
     "GenerateResult",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import attrs
 
 from ._errors import ConfigError, UnknownOptionError
+from ._policy import CostModel
 
 __all__ = [
     "FALLBACKS",
@@ -204,6 +205,11 @@ def _fanout_shape(inst: SSDConfig, attribute: attrs.Attribute[Any], value: Any) 
         raise ConfigError(f"{name} entries must be >= 0, got {value}")
 
 
+def _cost_source(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, CostModel) and value not in ("declared", "measured"):
+        raise ConfigError(f"cost must be 'declared', 'measured' or a CostModel, got {value!r}")
+
+
 def _known_fallback(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
     if value not in FALLBACKS:
         raise UnknownOptionError(
@@ -233,6 +239,16 @@ class SSDConfig:
             batch size (Saguaro Thm 17) -- the one setting whose tokens depend on
             timing and on the other sequences in flight.
         rank_window: how many recent outcomes the online estimators remember.
+        adaptive: choose each round's speculation length (up to ``k``, 0 included: a
+            plain target step) from Saguaro's Theorem 7 -- expected tokens per unit of
+            cost, with acceptance predicted from the draft's confidence at each
+            position; ``False`` always proposes ``k`` tokens (as far as the budget and
+            the contexts allow). Lossless either way.
+        cost: what a round costs, for ``adaptive``: ``"declared"`` (the models'
+            ``latency``, else a memory-bound target; deterministic, so a seed gives the
+            same tokens on every run), ``"measured"`` (fitted online from this run's
+            timings: follows the hardware, but at temperature > 0 two runs may choose
+            differently) or a fixed :class:`~ssd_core.CostModel`.
     """
 
     k: int = attrs.field(default=4, validator=_int_at_least(1))
@@ -247,6 +263,10 @@ class SSDConfig:
         default="neural", validator=_known_fallback
     )
     rank_window: int = attrs.field(default=512, validator=_int_at_least(1))
+    adaptive: bool = attrs.field(default=True, validator=_is_bool)
+    cost: CostModel | Literal["declared", "measured"] = attrs.field(
+        default="declared", validator=_cost_source
+    )
 
     def tree_budget(self) -> int:
         """The most branches one sequence's tree may hold (largest of the budgets)."""

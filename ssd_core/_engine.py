@@ -51,6 +51,7 @@ from ._errors import (
 from ._jobs import Job
 from ._machine import Finished, Machine, MachineState, TokensCommitted
 from ._metrics import Metrics, RequestMetrics
+from ._policy import CostModel
 from ._protocol import Model, model_lock
 from ._random import RandomSource, SeededSource, Stream
 from ._requests import Fork, Lane, Open
@@ -460,6 +461,7 @@ class Engine:
             target_name=str(getattr(target, "name", "target")),
             draft_name=str(getattr(draft, "name", "draft")),
             on_draft_error=on_draft_error,
+            cost=CostModel.from_models(target, self._models.get(Lane.DRAFT)),
         )
         self._wake: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the machine against metrics() readers

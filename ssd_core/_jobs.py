@@ -33,10 +33,11 @@ from ._math import (
     target_probs,
     top_ids,
 )
+from ._policy import CostModel, confidence, predict_from
 from ._protocol import Handle
 from ._random import Key, RandomSource, Stream
 from ._requests import Close, Extend, Fork, Lane, Open, Purpose, Request
-from ._sequence import DraftHandle, Outcome, Speculation, TargetHandle
+from ._sequence import NO_SPECULATION, DraftHandle, Outcome, Speculation, TargetHandle
 
 __all__ = [
     "TREE_TRANSITIONS",
@@ -129,8 +130,8 @@ class Job:
         self.closes = tuple(closes)
         self._close_pending = bool(self.closes)
         self.done = False
-        #: Busy seconds per kind of call, as the driver reported them.
-        self.elapsed: list[tuple[str, float]] = []
+        #: (kind of call, seconds as the driver reported them, rows scored).
+        self.elapsed: list[tuple[str, float, int]] = []
 
     def next(self) -> Request | None:
         """The next request, or ``None`` when the job is done (the caller checks
@@ -148,14 +149,13 @@ class Job:
         """Consume the result of the request :meth:`next` returned last."""
         if isinstance(request, Close) and self._close_pending:
             self._close_pending = False
-            self.elapsed.append(("cache_op", elapsed))
+            self.elapsed.append(("cache_op", elapsed, 0))
             return
-        kind = (
-            request.purpose.value
-            if isinstance(request, Extend)
-            else ("open" if isinstance(request, Open) else "cache_op")
-        )
-        self.elapsed.append((kind, elapsed))
+        if isinstance(request, Extend):
+            self.elapsed.append((request.purpose.value, elapsed, request.rows))
+        else:
+            kind = "open" if isinstance(request, Open) else "cache_op"
+            self.elapsed.append((kind, elapsed, 0))
         self._receive(request, result)
 
     def attach_closes(self, handles: Sequence[Handle]) -> None:
@@ -169,7 +169,7 @@ class Job:
 
     @property
     def busy_s(self) -> float:
-        return sum(t for _, t in self.elapsed)
+        return sum(t for _, t, _ in self.elapsed)
 
     def result(self) -> Any:
         return None
@@ -390,6 +390,11 @@ class DraftInput:
     steps: int
     #: Saguaro's F per drafted position (the fan-out the next tree will cache there).
     saguaro_fan: tuple[int, ...]
+    #: With a calibration table (predicted acceptance per confidence bin) and costs,
+    #: a position is proposed only while it pays (see :mod:`ssd_core._policy`);
+    #: ``None`` proposes all ``steps``.
+    table: tuple[float, ...] | None = None
+    cost: CostModel | None = None
 
 
 @attrs.frozen
@@ -418,9 +423,16 @@ class DraftJob(Job):
         self._rows: dict[int, list[Any]] = {s.sid: [] for s in self.seqs}
         self._fed_from: list[int] = []
         self._active: list[DraftInput] = []
+        self._conf: dict[int, list[float]] = {s.sid: [] for s in self.seqs}
+        #: Per sequence: (expected tokens, survival, cost) of what is proposed so far.
+        self._value = {
+            s.sid: (1.0, 1.0, s.cost.verify_call + s.cost.verify_row) if s.cost else None
+            for s in self.seqs
+        }
+        self._stopped: set[int] = set()
 
     def _next(self) -> Request | None:
-        self._active = [s for s in self.seqs if s.steps > self.step]
+        self._active = [s for s in self.seqs if s.steps > self.step and s.sid not in self._stopped]
         if not self._active:
             return None
         items = []
@@ -460,28 +472,57 @@ class DraftJob(Job):
             offset += len(feed)
             last.append(offset - 1)
         picked = xp.take(logits, xp.asarray(last, device=_device(logits)), axis=0)
-        w = ctx.ops.draft_weights(
-            picked,
-            [s.params.effective_draft_temperature for s in self._active],
-            [s.saguaro_fan[self.step] for s in self._active],
-            ctx.saguaro_c,
-        )
-        keys: list[Key] = [("neural", s.stream, s.round, self.step) for s in self._active]
-        drawn = ctx.source.categorical(keys, w)
-        for i, s in enumerate(self._active):
-            self._tokens[s.sid].append(drawn[i])
-            self._rows[s.sid].append(w[i])
+        # Decide from the rows -- before drawing -- which sequences propose this position.
+        conf = confidence(picked)
+        go = [i for i, s in enumerate(self._active) if self._proposes(s, conf[i])]
+        if len(go) < len(self._active):
+            self._stopped.update(s.sid for i, s in enumerate(self._active) if i not in go)
+            self._active = [self._active[i] for i in go]
+            conf = [conf[i] for i in go]
+            if go:
+                index = xp.asarray(go, dtype=xp.int64, device=_device(picked))
+                picked = xp.take(picked, index, axis=0)
+        if self._active:
+            w = ctx.ops.draft_weights(
+                picked,
+                [s.params.effective_draft_temperature for s in self._active],
+                [s.saguaro_fan[self.step] for s in self._active],
+                ctx.saguaro_c,
+            )
+            keys: list[Key] = [("neural", s.stream, s.round, self.step) for s in self._active]
+            drawn = ctx.source.categorical(keys, w)
+            for i, s in enumerate(self._active):
+                self._tokens[s.sid].append(drawn[i])
+                self._rows[s.sid].append(w[i])
+                self._conf[s.sid].append(conf[i])
         self.step += 1
+
+    def _proposes(self, s: DraftInput, conf: float) -> bool:
+        """Whether position ``self.step`` is worth proposing (a function of the row)."""
+        value = self._value[s.sid]
+        if value is None or s.table is None or s.cost is None:
+            return True
+        tokens, survive, spent = value
+        survive *= predict_from(s.table, [conf])[0]
+        each = s.cost.verify_row + s.cost.draft_step
+        if (tokens + survive) * spent <= tokens * (spent + each):
+            return False
+        self._value[s.sid] = (tokens + survive, survive, spent + each)
+        return True
 
     def result(self) -> Drafted:
         specs = {}
         for s in self.seqs:
             rows = self._rows[s.sid]
-            if not rows:
-                raise InternalError(f"draft job: sequence {s.sid} was drafted no token")
+            if not rows:  # nothing was worth proposing: a plain target step
+                specs[s.sid] = NO_SPECULATION
+                continue
             xp = namespace(rows[0])
             specs[s.sid] = Speculation(
-                tokens=tuple(self._tokens[s.sid]), q=xp.stack(rows), source="neural"
+                tokens=tuple(self._tokens[s.sid]),
+                q=xp.stack(rows),
+                source="neural",
+                conf=tuple(self._conf[s.sid]),
             )
         return Drafted(specs=specs, draft=self._handles)
 

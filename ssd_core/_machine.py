@@ -96,6 +96,7 @@ from ._jobs import (
 )
 from ._math import namespace, to_host
 from ._metrics import Counters, LaneTimes, Metrics, RequestMetrics
+from ._policy import CostFit, CostModel, confidence, keep_length, predict_from, worth_drafting
 from ._protocol import Handle
 from ._random import RandomSource, Stream
 from ._requests import Lane, Request
@@ -202,6 +203,8 @@ class Machine:
             :func:`ssd_core.testing.using_ops`'s, normally the exact math).
         on_draft_error: ``"raise"`` (a draft-lane fault fails the machine) or
             ``"degrade"`` (it is lost: see :meth:`lose_draft`).
+        cost: the models' declared costs, for ``config.cost == "declared"`` (the
+            engine passes :meth:`CostModel.from_models`); default a memory-bound target.
 
     The machine trusts its inputs: :class:`~ssd_core.Engine` validates what users
     give it before anything reaches :meth:`add`.
@@ -220,10 +223,16 @@ class Machine:
         draft_name: str = "draft",
         ops: MathOps | None = None,
         on_draft_error: str = "raise",
+        cost: CostModel | None = None,
     ) -> None:
         self.mode = mode
         self.config = config
         self.on_draft_error = on_draft_error
+        if isinstance(config.cost, CostModel):
+            self._declared = config.cost
+        else:
+            self._declared = cost if cost is not None else CostModel.memory_bound()
+        self._fits = {"verify": CostFit(), "draft": CostFit()}
         self.k = config.k if mode != "ar" else 0
         self.target_context = target_context
         self.draft_context = draft_context
@@ -650,6 +659,8 @@ class Machine:
                 seq_part += tuple(
                     (st.accepted, st.proposed, tuple(st.ranks)) for st in s.stats.values()
                 )
+            if self.config.adaptive and self.k:
+                seq_part += (s.calib.state(),)
             parts.append(seq_part)
         for lane in Lane:
             parts.append(tuple(type(j).__name__ for j in self._jobs_of(lane)))
@@ -725,7 +736,7 @@ class Machine:
     def _after_open(self, s: Seq) -> None:
         if s.target is None or (s.speculates and s.draft is None):
             return  # the other lane's open is still running
-        if self._spec_len(s) > 0:
+        if self._spec_len(s) > 0 and self._wants_draft(s):
             self._move(s, SeqEvent.NEED_DRAFT)
             self._enqueue_draft(s)
         else:
@@ -755,6 +766,8 @@ class Machine:
             draft=s.draft,
             steps=steps,
             saguaro_fan=self._saguaro_fan(s, backup=True, length=steps),
+            table=s.calib.table() if self.config.adaptive else None,
+            cost=self.cost if self.config.adaptive else None,
         )
 
     def _on_drafted(self, result: Drafted, busy_s: float) -> None:
@@ -883,15 +896,21 @@ class Machine:
                 self._move(s, SeqEvent.SPECULATED)
                 continue
             if self.mode == "sd" or self.state is not MachineState.RUNNING:
-                s.spec = None
-                self._move(s, SeqEvent.NEED_DRAFT)
-                self._enqueue_draft(s)
+                self._jit_or_step(s)
                 continue
             hit = self._lookup(s, spec, o, branches)
             if hit is not None and hit.complete and len(hit.tokens) >= n:
                 xp = namespace(hit.q[0])
-                s.spec = Speculation(
-                    tokens=tuple(hit.tokens[:n]), q=xp.stack(hit.q[:n]), source="cache"
+                s.spec = self._worth_proposing(
+                    s,
+                    Speculation(
+                        tokens=tuple(hit.tokens[:n]),
+                        q=xp.stack(hit.q[:n]),
+                        source="cache",
+                        conf=tuple(confidence(xp.stack(hit.raw[:n])))
+                        if self.config.adaptive
+                        else (),
+                    ),
                 )
                 self._move(s, SeqEvent.SPECULATED)
                 # The hit branch already holds the new context and its draft rows: it
@@ -916,6 +935,25 @@ class Machine:
             self._fallback(missed)
         self._release()
         self._maybe_start_round()
+
+    def _jit_or_step(self, s: Seq) -> None:
+        """Draft ``s``'s next speculation just in time, or -- when no drafting could
+        pay -- make its next round a plain target step."""
+        if self._wants_draft(s):
+            s.spec = None
+            self._move(s, SeqEvent.NEED_DRAFT)
+            self._enqueue_draft(s)
+        else:
+            s.spec = NO_SPECULATION
+            self._move(s, SeqEvent.SPECULATED)
+
+    def _worth_proposing(self, s: Seq, spec: Speculation) -> Speculation:
+        """A cached speculation cut to the positions worth verifying: decided from the
+        rows' confidences, never from the tokens, so the cut is lossless."""
+        if not self.config.adaptive or not spec.conf:
+            return spec
+        keep = keep_length(predict_from(s.calib.table(), spec.conf), self.cost, drafting=False)
+        return spec.truncated(keep)
 
     def _lookup(
         self, s: Seq, spec: Speculation, o: Outcome, branches: Sequence[Branch]
@@ -950,6 +988,8 @@ class Machine:
                 c.rounds_on_miss += 1
         if not o.proposed:
             return
+        if spec.conf:
+            s.calib.observe(spec.conf, o.accepted, o.proposed)
         if spec.source in self._tokens_by_source:
             self._tokens_by_source[spec.source].append(o.accepted + 1)
         rank = tree.rank(s.sid, spec, o) if tree is not None else None
@@ -964,9 +1004,7 @@ class Machine:
             s.counters.add_fallback(kind)
             self.counters.add_fallback(kind)
             if kind == "neural":
-                s.spec = None
-                self._move(s, SeqEvent.NEED_DRAFT)
-                self._enqueue_draft(s)
+                self._jit_or_step(s)
             else:
                 toks = fast_backup_tokens(s.tokens, self._spec_len(s))
                 s.spec = Speculation(tokens=toks, q=None, source="fast")
@@ -1045,7 +1083,9 @@ class Machine:
 
     def _record_times(self, job: Job) -> None:
         t = self.times
-        for kind, elapsed in job.elapsed:
+        for kind, elapsed, rows in job.elapsed:
+            if kind in self._fits and rows:
+                self._fits[kind].add(rows, elapsed)
             if job.lane is Lane.TARGET:
                 t.target_busy_s += elapsed
             else:
@@ -1075,6 +1115,24 @@ class Machine:
             room = self.draft_context - n
             k = min(k, room // 2 if self.mode == "ssd" else room)
         return max(k, 0)
+
+    @property
+    def cost(self) -> CostModel:
+        """The costs the speculation-length policy plans with (see ``SSDConfig.cost``)."""
+        if self.config.cost != "measured":
+            return self._declared
+        verify, draft = self._fits["verify"].line(), self._fits["draft"].line()
+        d = self._declared
+        return CostModel(
+            verify_call=verify[0] if verify else d.verify_call,
+            verify_row=verify[1] if verify else d.verify_row,
+            draft_call=draft[0] if draft else d.draft_call,
+            draft_row=draft[1] if draft else d.draft_row,
+        )
+
+    def _wants_draft(self, s: Seq) -> bool:
+        """Whether just-in-time drafting could pay for ``s`` at all."""
+        return not self.config.adaptive or worth_drafting(self.cost)
 
     def _fanout_for(self, s: Seq, source: str, n: int) -> tuple[int, ...]:
         """F_0..F_n for a tree predicting the outcome of an n-token speculation."""

@@ -17,6 +17,7 @@ import attrs
 from ._config import SamplingParams
 from ._fanout import OutcomeStats
 from ._metrics import Counters
+from ._policy import Calibration
 from ._protocol import Handle
 from ._random import Stream
 
@@ -81,15 +82,21 @@ class Speculation:
     tokens: tuple[int, ...]
     q: Any
     source: str
+    #: The draft's confidence at each position (see :mod:`ssd_core._policy`), when known.
+    conf: tuple[float, ...] = ()
 
     def truncated(self, n: int) -> Speculation:
-        """The first ``n`` tokens with their rows: still a sample from the same q."""
+        """The first ``n`` tokens with their rows. Lossless only when ``n`` was chosen
+        without looking at the tokens themselves (from the rows: see ``_policy``)."""
         if n >= len(self.tokens):
             return self
         if n <= 0:
             return NO_SPECULATION
         return Speculation(
-            tokens=self.tokens[:n], q=None if self.q is None else self.q[:n], source=self.source
+            tokens=self.tokens[:n],
+            q=None if self.q is None else self.q[:n],
+            source=self.source,
+            conf=self.conf[:n],
         )
 
 
@@ -170,6 +177,7 @@ class Seq:
     #: draft's context cannot hold, and after the draft lane was lost).
     speculates: bool
     stats: dict[str, OutcomeStats]
+    calib: Calibration = attrs.field(factory=Calibration)
     stage: Stage = Stage.OPENING
     finish_reason: str | None = None
     spec: Speculation | None = None

@@ -86,7 +86,7 @@ def test_identical_draft_accepts_everything():
         mode="ssd",
         max_new_tokens=40,
         sampling=GREEDY,
-        config=SSDConfig(k=4, fanout=8),
+        config=SSDConfig(k=4, fanout=8, adaptive=False),
     )
     m = out.metrics
     assert m.accepted_per_proposed == 1.0

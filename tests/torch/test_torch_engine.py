@@ -3,14 +3,16 @@ tokens it gets alone; a cancel frees its handles."""
 
 from __future__ import annotations
 
-from conftest import make_model
+import pytest
 
-from ssd_core import Engine, SamplingParams, SSDConfig, generate
+pytest.importorskip("torch")
+
+from ssd_core import Engine, SamplingParams, SSDConfig, generate  # noqa: E402
 
 
-def test_requests_join_and_cancel_on_torch() -> None:
-    target = make_model("llama", 0)
-    draft = make_model("llama", 1)
+def test_requests_join_and_cancel_on_torch(th) -> None:
+    target = th.make_model("llama", 0)
+    draft = th.make_model("llama", 1)
     config = SSDConfig(k=3, fanout=4)
     params = SamplingParams(temperature=1.0)
     solo = generate(target, draft, prompts=[[5, 6, 7]], sampling=params, max_new_tokens=16,
