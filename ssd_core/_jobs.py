@@ -31,6 +31,7 @@ from ._math import (
     namespace,
     residual_weights,
     target_probs,
+    to_host,
     top_ids,
 )
 from ._policy import CostModel, confidence, predict_from
@@ -114,6 +115,49 @@ class JobContext:
 
 def _device(x: Any) -> Any:
     return array_api_compat.device(x)
+
+
+def _draft_tokens(
+    ctx: JobContext,
+    rows: Any,
+    temperatures: Sequence[float],
+    fanouts: Sequence[int],
+    keys: Sequence[Key],
+) -> tuple[list[int], list[Any]]:
+    """Draw one draft token per row: (tokens, the q row each was drawn from, ``None``
+    for a greedy row). A greedy row's token is its lowest argmax -- a point mass, so
+    there is nothing to draw and no row to keep (the verifier treats ``q=None`` as
+    point masses)."""
+    xp = namespace(rows)
+    greedy = [i for i, t in enumerate(temperatures) if t == 0.0]
+    sampled = [i for i, t in enumerate(temperatures) if t != 0.0]
+    tokens: list[int] = [0] * len(temperatures)
+    q: list[Any] = [None] * len(temperatures)
+    if greedy:
+        sub = rows if not sampled else _take(xp, rows, greedy)
+        for i, t in zip(greedy, to_host(xp.argmax(sub, axis=1))):
+            tokens[i] = int(t)
+    if sampled:
+        sub = rows if not greedy else _take(xp, rows, sampled)
+        w = ctx.ops.draft_weights(
+            sub, [temperatures[i] for i in sampled], [fanouts[i] for i in sampled], ctx.saguaro_c
+        )
+        drawn = ctx.source.categorical([keys[i] for i in sampled], w)
+        for j, i in enumerate(sampled):
+            tokens[i] = drawn[j]
+            q[i] = w[j]
+    return tokens, q
+
+
+def _stack(rows: Sequence[Any]) -> Any:
+    """A speculation's q: its rows stacked, or ``None`` for point masses (greedy)."""
+    if not rows or rows[0] is None:
+        return None
+    return namespace(rows[0]).stack(list(rows))
+
+
+def _take(xp: Any, rows: Any, index: Sequence[int]) -> Any:
+    return xp.take(rows, xp.asarray(list(index), dtype=xp.int64, device=_device(rows)), axis=0)
 
 
 # -- the job protocol ------------------------------------------------------------------
@@ -295,37 +339,82 @@ class VerifyJob(Job):
         return Extend(lane=Lane.TARGET, items=tuple(items), purpose=Purpose.VERIFY)
 
     def _receive(self, request: Request, result: Any) -> None:
-        ctx, ops = self.ctx, self.ctx.ops
+        ctx = self.ctx
         assert isinstance(request, Extend)
         logits = check_logits(
             result, request.rows, ctx.vocab_size, who=ctx.target_name, what="verification"
         )
         xp = namespace(logits)
-        # Gather each sequence's K_i + 1 needed rows into one block.
-        picks: list[int] = []
-        params: list[SamplingParams] = []
-        positions: list[int] = []
+        # Each sequence's K_i + 1 needed rows, by their row in ``logits``.
+        blocks: list[list[int]] = []
         offset = 0
         for s, (_, _, feed) in zip(self.seqs, request.items):
             n = len(s.spec.tokens) + 1
-            start = offset + len(feed) - n
-            picks.extend(range(start, start + n))
-            params.extend([s.params] * n)
-            positions.extend(range(n))
             offset += len(feed)
-        rows = xp.take(logits, xp.asarray(picks, device=_device(logits)), axis=0)
+            blocks.append(list(range(offset - n, offset)))
+        greedy = [i for i, s in enumerate(self.seqs) if s.params.temperature == 0.0]
+        sampled = [i for i, s in enumerate(self.seqs) if s.params.temperature != 0.0]
+        outcomes: dict[int, Outcome] = {}
+        if greedy:
+            outcomes.update(
+                self._greedy(
+                    xp, logits, [self.seqs[i] for i in greedy], [blocks[i] for i in greedy]
+                )
+            )
+        if sampled:
+            outcomes.update(
+                self._sampled(
+                    xp, logits, [self.seqs[i] for i in sampled], [blocks[i] for i in sampled]
+                )
+            )
+        self._outcomes = {s.sid: outcomes[s.sid] for s in self.seqs}
+        self.outcomes = self._outcomes
+
+    @staticmethod
+    def _greedy(
+        xp: Any, logits: Any, seqs: list[VerifyInput], blocks: list[list[int]]
+    ) -> dict[int, Outcome]:
+        """Temperature 0: the processed target is one-hot at the lowest argmax, so draft
+        token d_i is accepted with probability 1 iff it is that argmax and 0 otherwise,
+        and the recovery or bonus token is the argmax itself -- for any proposal q. No
+        probabilities and no draws are needed; only the argmaxes cross to the host."""
+        picks = [r for b in blocks for r in b]
+        rows = xp.take(logits, xp.asarray(picks, dtype=xp.int64, device=_device(logits)), axis=0)
+        best = [int(t) for t in to_host(xp.argmax(rows, axis=1))]
+        out, at = {}, 0
+        for s, b in zip(seqs, blocks):
+            a = 0
+            while a < len(s.spec.tokens) and s.spec.tokens[a] == best[at + a]:
+                a += 1
+            out[s.sid] = Outcome(accepted=a, token=best[at + a], proposed=len(s.spec.tokens))
+            at += len(b)
+        return out
+
+    def _sampled(
+        self, xp: Any, logits: Any, seqs: list[VerifyInput], blocks: list[list[int]]
+    ) -> dict[int, Outcome]:
+        ctx, ops = self.ctx, self.ctx.ops
+        picks: list[int] = []
+        params: list[SamplingParams] = []
+        positions: list[int] = []
+        for s, b in zip(seqs, blocks):
+            picks.extend(b)
+            params.extend([s.params] * len(b))
+            positions.extend(range(len(b)))
+        rows = xp.take(logits, xp.asarray(picks, dtype=xp.int64, device=_device(logits)), axis=0)
         p = ops.target_probs(rows, params, tuple(positions))
 
         starts, at = [], 0
         q_rows: list[Any] = []
-        for s in self.seqs:
+        for s in seqs:
             starts.append(at)
             k = len(s.spec.tokens)
             at += k + 1
             if not k:
                 q_rows.append(None)
             elif s.spec.q is None:
-                # Point masses (fast backup tokens): one-hot rows, built where p lives.
+                # Point masses (fast backup tokens, a greedy draft): one-hot rows,
+                # built where p lives.
                 cols = xp.arange(ctx.vocab_size, device=_device(p))
                 toks = xp.asarray(list(s.spec.tokens), device=_device(p))
                 q_rows.append(xp.astype(cols[None, :] == toks[:, None], xp.float64))
@@ -335,41 +424,38 @@ class VerifyJob(Job):
             ops.accept_probabilities(p[st : st + len(s.spec.tokens)], q, s.spec.tokens)
             if s.spec.tokens
             else []
-            for s, st, q in zip(self.seqs, starts, q_rows)
+            for s, st, q in zip(seqs, starts, q_rows)
         ]
         # Acceptance tests, one position at a time so a rejection ends the draws.
-        accepted = [0] * len(self.seqs)
-        running = [i for i, s in enumerate(self.seqs) if s.spec.tokens]
+        accepted = [0] * len(seqs)
+        running = [i for i, s in enumerate(seqs) if s.spec.tokens]
         pos = 0
         while running:
-            keys: list[Key] = [
-                ("accept", self.seqs[i].stream, self.seqs[i].round, pos) for i in running
-            ]
+            keys: list[Key] = [("accept", seqs[i].stream, seqs[i].round, pos) for i in running]
             draws = ctx.source.bernoulli(keys, [accept_p[i][pos] for i in running])
             still = []
             for i, ok in zip(running, draws):
                 if ok:
                     accepted[i] += 1
-                    if accepted[i] < len(self.seqs[i].spec.tokens):
+                    if accepted[i] < len(seqs[i].spec.tokens):
                         still.append(i)
             running = still
             pos += 1
 
         # One recovery (residual) or bonus draw per sequence, batched.
         last_rows = []
-        for i, (s, st, q) in enumerate(zip(self.seqs, starts, q_rows)):
+        for i, (s, st, q) in enumerate(zip(seqs, starts, q_rows)):
             a = accepted[i]
             if a < len(s.spec.tokens):
                 last_rows.append(ops.residual_weights(p[st + a], q[a]))
             else:
                 last_rows.append(p[st + a])
-        token_keys: list[Key] = [("token", s.stream, s.round) for s in self.seqs]
+        token_keys: list[Key] = [("token", s.stream, s.round) for s in seqs]
         tokens = ctx.source.categorical(token_keys, xp.stack(last_rows))
-        self._outcomes = {
+        return {
             s.sid: Outcome(accepted=accepted[i], token=tokens[i], proposed=len(s.spec.tokens))
-            for i, s in enumerate(self.seqs)
+            for i, s in enumerate(seqs)
         }
-        self.outcomes = self._outcomes
 
     def result(self) -> Verified:
         return Verified(outcomes=self._outcomes, target=self._held)
@@ -483,17 +569,16 @@ class DraftJob(Job):
                 index = xp.asarray(go, dtype=xp.int64, device=_device(picked))
                 picked = xp.take(picked, index, axis=0)
         if self._active:
-            w = ctx.ops.draft_weights(
+            drawn, q = _draft_tokens(
+                ctx,
                 picked,
                 [s.params.effective_draft_temperature for s in self._active],
                 [s.saguaro_fan[self.step] for s in self._active],
-                ctx.saguaro_c,
+                [("neural", s.stream, s.round, self.step) for s in self._active],
             )
-            keys: list[Key] = [("neural", s.stream, s.round, self.step) for s in self._active]
-            drawn = ctx.source.categorical(keys, w)
             for i, s in enumerate(self._active):
                 self._tokens[s.sid].append(drawn[i])
-                self._rows[s.sid].append(w[i])
+                self._rows[s.sid].append(q[i])
                 self._conf[s.sid].append(conf[i])
         self.step += 1
 
@@ -517,10 +602,9 @@ class DraftJob(Job):
             if not rows:  # nothing was worth proposing: a plain target step
                 specs[s.sid] = NO_SPECULATION
                 continue
-            xp = namespace(rows[0])
             specs[s.sid] = Speculation(
                 tokens=tuple(self._tokens[s.sid]),
-                q=xp.stack(rows),
+                q=_stack(rows),
                 source="neural",
                 conf=tuple(self._conf[s.sid]),
             )
@@ -750,20 +834,26 @@ class TreeJob(Job):
                     else xp.take(logits, xp.asarray(keep, device=_device(logits)), axis=0)
                 )
                 by_sid = {s.sid: s for s in self.seqs}
-                w = ctx.ops.draft_weights(
+                drawn, q = _draft_tokens(
+                    ctx,
                     rows,
                     [by_sid[b.sid].params.effective_draft_temperature for b in live],
                     [_at(by_sid[b.sid].saguaro_fan, self.step) for b in live],
-                    ctx.saguaro_c,
+                    [
+                        (
+                            "tree",
+                            by_sid[b.sid].stream,
+                            by_sid[b.sid].round + 1,
+                            b.k,
+                            b.token,
+                            self.step,
+                        )
+                        for b in live
+                    ],
                 )
-                keys: list[Key] = [
-                    ("tree", by_sid[b.sid].stream, by_sid[b.sid].round + 1, b.k, b.token, self.step)
-                    for b in live
-                ]
-                drawn = ctx.source.categorical(keys, w)
                 for i, b in enumerate(live):
                     b.tokens.append(drawn[i])
-                    b.q.append(w[i])
+                    b.q.append(q[i])
                     b.raw.append(rows[i])
             self.step += 1
             more = any(b.steps > self.step for b in self.branches if b.handle is not None)

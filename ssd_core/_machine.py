@@ -92,6 +92,7 @@ from ._jobs import (
     Verified,
     VerifyInput,
     VerifyJob,
+    _stack,
     default_ops,
 )
 from ._math import namespace, to_host
@@ -900,12 +901,12 @@ class Machine:
                 continue
             hit = self._lookup(s, spec, o, branches)
             if hit is not None and hit.complete and len(hit.tokens) >= n:
-                xp = namespace(hit.q[0])
+                xp = namespace(hit.raw[0])
                 s.spec = self._worth_proposing(
                     s,
                     Speculation(
                         tokens=tuple(hit.tokens[:n]),
-                        q=xp.stack(hit.q[:n]),
+                        q=_stack(hit.q[:n]),
                         source="cache",
                         conf=tuple(confidence(xp.stack(hit.raw[:n])))
                         if self.config.adaptive

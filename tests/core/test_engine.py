@@ -138,7 +138,8 @@ def test_asyncio_face_serves_many_requests_without_a_thread_each():
     async def main() -> list[tuple[int, ...]]:
         with Engine(target, draft, mode="ssd", config=SSDConfig(k=3, fanout=4)) as engine:
             handles = [engine.submit([1], max_new_tokens=16, seed=0)]
-            before = set(threading.enumerate())  # incl. the engine's thread and lane workers
+            handles[0].result()  # the engine's thread and its lane workers are up
+            before = set(threading.enumerate())
             handles += [engine.submit([i + 1], max_new_tokens=16, seed=i) for i in range(1, 8)]
 
             async def collect(h):

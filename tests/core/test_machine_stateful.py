@@ -40,6 +40,7 @@ class Interleavings(RuleBasedStateMachine):
             source=SeededSource(seed, check_unique=True),
         )
         self.added = 0
+        self.checked = 0
         for _ in range(batch):
             self.add_one()
         self.models = {Lane.TARGET: self.target, Lane.DRAFT: self.draft}
@@ -61,11 +62,20 @@ class Interleavings(RuleBasedStateMachine):
     def join(self):
         self.add_one()
 
-    @rule(which=st.integers(0, 5))
-    def cancel(self, which):
+    @rule(which=st.integers(0, 5), roll=st.integers(0, 9))
+    def cancel(self, which, roll):
+        # One draw in ten: a cancel as likely as a delivery would end most runs early.
         live = [v.sid for v in self.m.sequences() if v.stage not in (Stage.FINISHED, Stage.CLOSED)]
-        if live:
+        if live and roll == 0:
             self.m.finish(live[which % len(live)], "cancelled")
+
+    @rule(first=st.sampled_from([Lane.TARGET, Lane.DRAFT]), steps=st.integers(1, 12))
+    def run_a_while(self, first, steps):
+        """Drive both lanes for a few requests, so runs get somewhere."""
+        for _ in range(steps):
+            for lane in (first, Lane.DRAFT if first is Lane.TARGET else Lane.TARGET):
+                self.issue(lane)
+                self.deliver(lane)
 
     @rule(lane=st.sampled_from([Lane.TARGET, Lane.DRAFT]))
     def issue(self, lane):
@@ -91,9 +101,13 @@ class Interleavings(RuleBasedStateMachine):
             if spec.source == "fast":
                 assert spec.q is None  # point masses: the verifier builds one-hot rows
                 continue
+            self.checked += 1
             for i, tok in enumerate(spec.tokens):
                 ctx = list(v.tokens) + list(spec.tokens[:i])
                 z = self.draft.logits(ctx)
+                if spec.q is None:  # a greedy draft proposes point masses at its argmax
+                    assert self.temperature == 0.0 and tok == int(np.argmax(z))
+                    continue
                 q = np.asarray(spec.q[i], dtype=np.float64)
                 q = q / q.sum()
                 if self.temperature == 0.0:
