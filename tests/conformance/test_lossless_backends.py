@@ -23,8 +23,10 @@ def _pair(backend: str):
         pytest.importorskip("torch")
         from backends.torch import BACKEND
 
-        return (lambda: BACKEND.load("tiny,vocab=64,seed=1", {"threads": 1}),
-                lambda: BACKEND.load("tiny,vocab=64,seed=2", {"threads": 1}))
+        return (
+            lambda: BACKEND.load("tiny,vocab=64,seed=1", {"threads": 1}),
+            lambda: BACKEND.load("tiny,vocab=64,seed=2", {"threads": 1}),
+        )
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("torch")
@@ -38,14 +40,17 @@ def _pair(backend: str):
     target = BACKEND.load("tiny", {"n_threads": 1})
     vocab = target.vocab_size
     target.free()
-    return (lambda: BACKEND.load("tiny", {"n_threads": 1}),
-            lambda: NgramModel(vocab_size=vocab, max_n=3, alpha=1e-2))
+    return (
+        lambda: BACKEND.load("tiny", {"n_threads": 1}),
+        lambda: NgramModel(vocab_size=vocab, max_n=3, alpha=1e-2),
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "llama_cpp"])
 def test_backend_is_lossless(backend):
     make_target, make_draft = _pair(backend)
-    report = check_lossless(make_target, make_draft, samples=1500, processors=PROCESSORS,
-                            subject=backend)
+    report = check_lossless(
+        make_target, make_draft, samples=1500, processors=PROCESSORS, subject=backend
+    )
     report.raise_for_failures()

@@ -203,8 +203,16 @@ def test_cli_args_need_exactly_one_backend() -> None:
 
 
 def test_cli_runs_the_lossless_half(capsys):
-    rc = main(["tests.conformance.broken:lossless_target", "--draft",
-               "tests.conformance.broken:lossless_draft", "--quick", "--only", "attributes"])
+    rc = main(
+        [
+            "tests.conformance.broken:lossless_target",
+            "--draft",
+            "tests.conformance.broken:lossless_draft",
+            "--quick",
+            "--only",
+            "attributes",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "lossless.greedy_identity" in out and "lossless.stat.ssd-fast.T1" in out
