@@ -11,6 +11,7 @@ from ssd_core.app import load_backend
 from ._probe import free_model
 from ._report import CheckResult, Report, Status
 from ._runner import check_model
+from ._watchdog import DEFAULT_TIMEOUT, CheckTimeout, call_with_timeout
 
 __all__ = ["check_backend", "skipped_report"]
 
@@ -77,10 +78,23 @@ def check_backend(
     def make_model() -> Model:
         return spec.load(args, opts)
 
+    settings = kwargs.get("settings")
+    timeout = settings.timeout if settings is not None else kwargs.get("timeout", DEFAULT_TIMEOUT)
     try:
-        free_model(make_model())  # an engine imported lazily inside load() shows up here
+        # an engine imported lazily inside load() shows up here
+        call_with_timeout(lambda: free_model(make_model()), timeout, name="load")
     except ImportError as exc:
         return skipped_report(subject, f"engine not installed: {exc}")
+    except CheckTimeout as exc:
+        row = CheckResult(
+            name="load",
+            status=Status.FAILED,
+            measured=f"timeout {exc.seconds:g} s",
+            message=f"load({args!r}, {opts!r}) timed out after {exc.seconds:g} s and was "
+            f"abandoned (its thread may keep running)",
+            seconds=exc.seconds,
+        )
+        return Report(subject=subject, rows=(row,))
     except Exception as exc:  # the model cannot even be built: one clear failed row
         row = CheckResult(
             name="load",

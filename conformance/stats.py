@@ -25,8 +25,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from ssd_core import SamplingParams, SSDConfig, generate
-from ssd_core._random import RandomSource, SeededSource
+from ssd_core import RandomSource, SamplingParams, SeededSource, SSDConfig, generate
 
 from .exact import LogitsFn, processed_probs
 

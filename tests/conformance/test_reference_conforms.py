@@ -23,10 +23,21 @@ from .broken import Wrapper, reference
     ids=["order2", "order3-context12", "zero-mass", "context5"],
 )
 def test_reference_backend_passes(kwargs: dict) -> None:
-    report = conformance.assert_conforms(lambda: ReferenceModel.random(**kwargs))
+    truth = ReferenceModel.random(**kwargs)  # its own logits are the reference scorer
+    report = conformance.assert_conforms(
+        lambda: ReferenceModel.random(**kwargs), reference=truth.logits
+    )
     assert report.passed
     skipped = {r.name for r in report.rows if r.status is conformance.Status.SKIPPED}
     assert skipped == (set() if "context_size" in kwargs else {"context_capacity"})
+
+
+def test_without_a_reference_the_oracle_row_says_what_it_misses() -> None:
+    report = conformance.check_model(reference, only=["reference_logits"])
+    row = report.rows[0]
+    assert row.status is conformance.Status.SKIPPED
+    assert "compares the model only with itself" in row.message
+    assert "temperature baked in" in row.message
 
 
 def test_reference_whole_context_model_passes() -> None:
