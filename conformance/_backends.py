@@ -72,8 +72,10 @@ def check_backend(
 
     documented = getattr(spec, "conformance_tolerance", None)
     if documented is not None:
-        kwargs.setdefault("tolerance", documented)
-        kwargs.setdefault("batch_tolerance", documented)
+        # None (the CLI's "not given") means the backend's documented tolerance too
+        for key in ("tolerance", "batch_tolerance"):
+            if kwargs.get(key) is None:
+                kwargs[key] = documented
 
     def make_model() -> Model:
         return spec.load(args, opts)
