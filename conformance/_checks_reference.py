@@ -38,11 +38,9 @@ LOG_SOFTMAX_ROUNDING = 1e-9
 
 #: What the check's row says when no reference is given.
 NO_REFERENCE = (
-    "no reference scorer given: the suite compares the model only with itself, so a fault "
-    "that is the same on every handle (rescaled logits, a temperature baked in, wrong "
-    "weights, token ids off by one) passes every other check; pass reference= (a "
-    "context -> logits callable, or stored logits) to compare with an independent "
-    "implementation"
+    "no reference scorer given (reference=, --reference): the suite compares the model "
+    "only with itself, so faults that are the same on every handle -- rescaled logits, a "
+    "temperature baked in, wrong weights -- pass every other check"
 )
 
 
