@@ -13,6 +13,7 @@ added to a whole row changes no sampling decision, so it is not a fault.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -64,7 +65,7 @@ def validate_reference(reference: object) -> Reference:
                 )
         return reference
     if callable(reference):
-        return reference  # type: ignore[return-value]
+        return reference
     raise ConfigError(
         f"reference must be a context -> logits callable or a mapping of stored logits, "
         f"got {type(reference).__name__}"
@@ -76,7 +77,7 @@ def log_softmax(rows: np.ndarray) -> np.ndarray:
     top = np.max(rows, axis=-1, keepdims=True)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         lse = top + np.log(np.sum(np.exp(rows - top), axis=-1, keepdims=True))
-    return rows - lse
+    return np.asarray(rows - lse)
 
 
 @attrs.frozen
@@ -121,7 +122,9 @@ def check_reference(reference: Reference | None, p: Probe, s: Settings) -> str:
             if not all(0 <= t < p.vocab for t in ctx):
                 raise Fault(f"stored context {list(ctx)} holds ids outside [0, {p.vocab})")
             got = p.fresh(ctx)
-            pairs.append((ctx, got, _reference_row(lambda stored=stored: stored, ctx, p.vocab)))
+            pairs.append(
+                (ctx, got, _reference_row(functools.partial(_stored, stored), ctx, p.vocab))
+            )
         if not pairs:
             raise Skip(f"none of the {left_out} stored contexts fits context_size {p.room}")
     else:
@@ -136,7 +139,7 @@ def check_reference(reference: Reference | None, p: Probe, s: Settings) -> str:
             for j in range(length):
                 ctx = tuple(seq[: j + 1])
                 p.step = f"reference({list(ctx)})"
-                want = _reference_row(lambda ctx=ctx: reference(ctx), ctx, p.vocab)
+                want = _reference_row(reference, ctx, p.vocab)
                 pairs.append((ctx, rows[j], want))
     got_lp = np.stack([log_softmax(g) for _, g, _ in pairs])
     want_lp = np.stack([log_softmax(w) for _, _, w in pairs])
@@ -163,9 +166,15 @@ def check_reference(reference: Reference | None, p: Probe, s: Settings) -> str:
     raise Fault(message)
 
 
-def _reference_row(call: Callable[[], Any], ctx: tuple[int, ...], vocab: int) -> np.ndarray:
+def _stored(row: Any, context: tuple[int, ...]) -> Any:
+    return row
+
+
+def _reference_row(
+    scorer: Callable[[tuple[int, ...]], Any], ctx: tuple[int, ...], vocab: int
+) -> np.ndarray:
     try:
-        raw = call()
+        raw = scorer(ctx)
     except Exception as exc:
         raise Fault(
             f"the reference scorer raised {type(exc).__name__} for context {list(ctx)}: {exc}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ssd_core import ConfigError
@@ -18,9 +20,7 @@ def _non_negative(
         raise ConfigError(f"{attribute.name} must be >= 0 (or None for automatic), got {value}")
 
 
-def _timeout(
-    instance: object, attribute: attrs.Attribute[float | None], value: float | None
-) -> None:
+def _timeout(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not value > 0.0):
         raise ConfigError(f"timeout must be > 0 seconds (or None for no limit), got {value!r}")
 

@@ -290,17 +290,17 @@ def check_lossless(
         ids = list(exact_ids)
         small_t = restrict_vocab(logits_fn_of(make_target), ids)
         small_d = restrict_vocab(logits_fn_of(make_draft), ids)
-        for name, mode, config in (
+        for ename, emode, econfig in (
             ("sd", "sd", SSDConfig(k=2)),
             ("ssd", "ssd", SSDConfig(k=1, fanout=(1, 1), fallback="neural", saguaro_c=0.5)),
         ):
             for pname, params in processors.items():
-                rname = f"lossless.exact.{name}.{pname}"
+                rname = f"lossless.exact.{ename}.{pname}"
 
                 def exact_row(
                     rname: str = rname,
-                    mode: str = mode,
-                    config: SSDConfig = config,
+                    mode: str = emode,
+                    config: SSDConfig = econfig,
                     params: SamplingParams = params,
                 ) -> CheckResult:
                     t0 = time.perf_counter()
