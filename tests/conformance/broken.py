@@ -284,6 +284,15 @@ class StaleAfterRefusal(Wrapper):
         return np.concatenate(rows)
 
 
+class DeclaresTooMuch(Wrapper):
+    """``context_size`` says 12 but the engine holds 11 tokens (a slot kept for BOS, or
+    ``n_ctx`` counted from 1)."""
+
+    def __init__(self) -> None:
+        super().__init__(reference(order=3, context_size=11))
+        self.context_size = 12
+
+
 class BakedTemperature(Wrapper):
     """Every row is divided by 0.7: a sampling temperature baked into the backend. The
     model agrees with itself everywhere, so only a reference scorer can see it."""
@@ -343,6 +352,11 @@ BROKEN: dict[str, tuple[Factory, tuple[str, ...], str]] = {
     ),
     "swaps_pairs": (SwapsPairs, ("batched_vs_separate",), "rows in the wrong order"),
     "keeps_what_fits": (KeepsWhatFits, ("context_capacity",), "left tokens behind"),
+    "declares_too_much": (
+        DeclaresTooMuch,
+        ("context_capacity",),
+        "the model cannot hold the context_size it declares",
+    ),
     "stale_after_refusal": (
         StaleAfterRefusal,
         ("context_capacity",),
