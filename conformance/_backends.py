@@ -11,6 +11,7 @@ from ssd_core.app import load_backend
 from ._probe import free_model
 from ._report import CheckResult, Report, Status
 from ._runner import check_model
+from ._watchdog import DEFAULT_TIMEOUT, CheckTimeout, call_with_timeout
 
 __all__ = ["check_backend", "skipped_report"]
 
@@ -71,16 +72,31 @@ def check_backend(
 
     documented = getattr(spec, "conformance_tolerance", None)
     if documented is not None:
-        kwargs.setdefault("tolerance", documented)
-        kwargs.setdefault("batch_tolerance", documented)
+        # None (the CLI's "not given") means the backend's documented tolerance too
+        for key in ("tolerance", "batch_tolerance"):
+            if kwargs.get(key) is None:
+                kwargs[key] = documented
 
     def make_model() -> Model:
         return spec.load(args, opts)
 
+    settings = kwargs.get("settings")
+    timeout = settings.timeout if settings is not None else kwargs.get("timeout", DEFAULT_TIMEOUT)
     try:
-        free_model(make_model())  # an engine imported lazily inside load() shows up here
+        # an engine imported lazily inside load() shows up here
+        call_with_timeout(lambda: free_model(make_model()), timeout, name="load")
     except ImportError as exc:
         return skipped_report(subject, f"engine not installed: {exc}")
+    except CheckTimeout as exc:
+        row = CheckResult(
+            name="load",
+            status=Status.FAILED,
+            measured=f"timeout {exc.seconds:g} s",
+            message=f"load({args!r}, {opts!r}) timed out after {exc.seconds:g} s and was "
+            f"abandoned (its thread may keep running)",
+            seconds=exc.seconds,
+        )
+        return Report(subject=subject, rows=(row,))
     except Exception as exc:  # the model cannot even be built: one clear failed row
         row = CheckResult(
             name="load",

@@ -154,7 +154,13 @@ def check_invalid_tokens(p: Probe, s: Settings) -> str:
 
 
 def check_capacity(p: Probe, s: Settings) -> str:
-    """At ``context_size`` a handle refuses more tokens with CapacityError, never garbage."""
+    """At ``context_size`` a handle refuses more tokens with CapacityError, never garbage.
+
+    Every handle this check compares against holds at most ``context_size`` tokens, so
+    a CapacityError always comes from the handle under test and is reported as what it
+    means: a context the model declares but cannot hold, or a refused extend that left
+    tokens behind.
+    """
     room = p.model.context_size
     if room is None:
         raise Skip("context_size is None (unbounded)")
@@ -166,10 +172,12 @@ def check_capacity(p: Probe, s: Settings) -> str:
             f"run --full, pass Settings(max_context=...), or load the model with a smaller "
             f"context"
         )
+    if room < 2:
+        raise Skip(f"context_size {room} < 2 leaves no room for a crossing extend")
     prompt = p.tokens(room - 1)
     h = p.open(prompt, f"open({room - 1} tokens), one below context_size")
     last = p.tokens(1)
-    p.expect_rows(h, last, prompt, f"extend to exactly context_size={room}")
+    _fill(p, h, last, prompt, f"extend to exactly context_size={room}", refused=False)
     full = prompt + last
     p.expect_raise(
         CapacityError,
@@ -182,17 +190,62 @@ def check_capacity(p: Probe, s: Settings) -> str:
         f"open({room + 1} tokens) past context_size",
     )
     g = p.fork(h, room - 2, f"fork(full handle, {room - 2})")
+    crossing = p.tokens(3)
     p.expect_raise(
         CapacityError,
-        lambda: p.model.extend([(g, p.tokens(3))]),
+        lambda: p.model.extend([(g, crossing)]),
         f"extend of 3 tokens from {room - 2} (crosses context_size)",
     )
+    _fill(
+        p,
+        g,
+        p.tokens(2),
+        full[: room - 2],
+        f"extend of 2 tokens into the {room - 2}-token fork after its refused 3-token extend",
+        refused=True,
+        explain=[
+            (
+                "a handle that kept the first token of the refused extend",
+                full[: room - 2] + crossing[:1],
+            )
+        ],
+    )
     p.truncate(h, room - 1, f"truncate(full handle, {room - 1})")
-    p.expect_rows(
+    _fill(
+        p,
         h,
         last,
         prompt,
         "extend after the refused extend and a truncate",
-        explain=[("a handle that also kept the refused token", full)],
+        refused=True,
     )
     return f"context {room}"
+
+
+def _fill(
+    p: Probe,
+    handle: object,
+    tokens: list[int],
+    before: list[int],
+    what: str,
+    *,
+    refused: bool,
+    explain: list[tuple[str, list[int]]] | None = None,
+) -> None:
+    """Extend ``handle`` (holding ``before``) up to at most ``context_size`` and compare
+    with fresh handles; a CapacityError from the handle says what it means."""
+    try:
+        p.expect_rows(handle, tokens, before, what, explain=explain or ())
+    except CapacityError as exc:
+        n = len(before) + len(tokens)
+        cause = (
+            "the refused extend left tokens behind (a call that raises must leave the "
+            "handle unchanged)"
+            if refused
+            else "the model cannot hold the context_size it declares"
+        )
+        raise Fault(
+            f"{what}: raised CapacityError ({exc}) for a handle that should hold "
+            f"{len(before)} tokens, though {len(before)} + {len(tokens)} = {n} <= "
+            f"context_size={p.room}: {cause}"
+        ) from exc

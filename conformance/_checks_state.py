@@ -102,7 +102,12 @@ def check_extend_vs_prefill(p: Probe, s: Settings) -> str:
 
 
 def check_batched_vs_separate(p: Probe, s: Settings) -> str:
-    """A request scored in a batch equals the same request scored alone."""
+    """A request scored in a batch equals the same request scored alone, in batches of 2 and more.
+
+    Batches of 2, 3 and all the requests (4 quick, 8 full), each in order and reversed,
+    on fresh handles. Rows that are right but returned in the wrong places (two
+    requests swapped) are reported as rows in the wrong order, naming the requests.
+    """
     n_req = 4 if s.quick else 8
     length = seq_len(p, s)
     prompts = [p.tokens(int(p.rng.integers(0, length))) for _ in range(n_req)]
@@ -111,23 +116,26 @@ def check_batched_vs_separate(p: Probe, s: Settings) -> str:
         p.extend_one(p.open(pr, "open"), nw, f"request {i} alone")
         for i, (pr, nw) in enumerate(zip(prompts, news, strict=True))
     ]
-    for order_name, order in (
-        ("in order", list(range(n_req))),
-        ("reversed", list(reversed(range(n_req)))),
-    ):
-        handles = {i: p.open(prompts[i], "open") for i in order}
-        out = p.extend([(handles[i], news[i]) for i in order], f"batch of {n_req} ({order_name})")
-        for pos_in_batch, i in enumerate(order):
-            p.compare(
-                out[pos_in_batch],
-                alone[i],
-                f"request {i} ({len(prompts[i])}-token prompt, {len(news[i])} new tokens) at "
-                f"place {pos_in_batch} of a {n_req}-request batch ({order_name})",
-                context_len=len(prompts[i]),
+    for size in dict.fromkeys((2, 3, n_req)):
+        for order_name, order in (
+            ("in order", list(range(size))),
+            ("reversed", list(reversed(range(size)))),
+        ):
+            handles = {i: p.open(prompts[i], "open") for i in order}
+            what = f"batch of {size} requests ({order_name})"
+            out = p.extend([(handles[i], news[i]) for i in order], what)
+            p.compare_batch(
+                out,
+                [alone[i] for i in order],
+                what,
+                labels=[f"request {i} (handle {handles[i]!r})" for i in order],
+                context_lens=[len(prompts[i]) for i in order],
                 tolerance=p.batch_tolerance,
                 against="the same request extended alone (logits depend on what else is in "
                 "the batch)",
             )
+            for i in order:
+                p.close(handles[i], "close")
     return _figure(p)
 
 
@@ -227,15 +235,15 @@ def check_fork_tree(p: Probe, s: Settings) -> str:
         toks = [p.tokens(1) for _ in branches]
         what = f"tree step {step}: {width} branches x 1 token in one extend"
         out = p.extend(list(zip(branches, toks, strict=True)), what)
-        for i in range(width):
-            p.compare(
-                out[i],
-                p.fresh_rows(held[i], toks[i]),
-                f"{what}, branch {i} (forked at {lengths[i]})",
-                context_len=len(held[i]),
-                tolerance=max(p.tolerance, p.batch_tolerance),
-            )
-            held[i] = held[i] + toks[i]
+        p.compare_batch(
+            out,
+            [p.fresh_rows(held[i], toks[i]) for i in range(width)],
+            what,
+            labels=[f"branch {i} (forked at {lengths[i]})" for i in range(width)],
+            context_lens=[len(h) for h in held],
+            tolerance=max(p.tolerance, p.batch_tolerance),
+        )
+        held = [held[i] + toks[i] for i in range(width)]
     for i, b in enumerate(branches):
         p.close(b, f"close(branch {i})")
     p.expect_rows(
@@ -364,15 +372,16 @@ def check_many_handles(p: Probe, s: Settings) -> str:
             ) from exc
     if len(set(handles)) != n:
         raise Fault(f"{n} open() calls returned only {len(set(handles))} distinct handles")
-    out = p.extend(list(zip(handles, news, strict=True)), f"one batch over all {n} handles")
-    for i in range(n):
-        p.compare(
-            out[i],
-            want[i],
-            f"handle {i} in a {n}-handle batch",
-            context_len=len(prompts[i]),
-            tolerance=max(p.tolerance, p.batch_tolerance),
-        )
+    what = f"one batch over all {n} handles"
+    out = p.extend(list(zip(handles, news, strict=True)), what)
+    p.compare_batch(
+        out,
+        want,
+        what,
+        labels=[f"handle {i} ({handles[i]!r})" for i in range(n)],
+        context_lens=[len(pr) for pr in prompts],
+        tolerance=max(p.tolerance, p.batch_tolerance),
+    )
     for i in p.rng.permutation(n):
         got = p.extend_one(handles[i], mores[i], f"handle {i} extended alone")
         p.compare(

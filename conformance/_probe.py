@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ssd_core import Handle, Model
+from ssd_core import CapacityError, Handle, Model
 
 from ._arrays import DtypeInfo, dtype_info, max_abs_diff, to_numpy
 
-__all__ = ["Fault", "Probe", "Skip", "free_model"]
+__all__ = ["Fault", "Probe", "Skip", "describe_permutation", "find_permutation", "free_model"]
 
 Context = tuple[int, ...]
 
@@ -195,14 +195,43 @@ class Probe:
         if not key:
             raise ValueError("fresh() needs a non-empty context")
         if key not in self._fresh:
+            self._check_room(len(key))
             step = self.step
-            handle = self.open(key[:-1], what=f"fresh handle for a {len(key)}-token context")
-            self._fresh[key] = self.extend_one(
-                handle, key[-1:], what=f"oracle for {len(key)} tokens"
-            )[0]
+            try:
+                handle = self.open(key[:-1], what=f"fresh handle for a {len(key)}-token context")
+                self._fresh[key] = self.extend_one(
+                    handle, key[-1:], what=f"oracle for {len(key)} tokens"
+                )[0]
+            except CapacityError as exc:
+                raise self._oracle_capacity_fault(len(key), exc) from exc
             self.close(handle, what="closing a fresh oracle handle")
             self.step = step
         return self._fresh[key]
+
+    @property
+    def room(self) -> int | None:
+        """The model's ``context_size`` (``None``: unbounded)."""
+        room = self.model.context_size
+        return None if room is None else int(room)
+
+    def fits(self, n_tokens: int) -> bool:
+        """Whether one handle may hold ``n_tokens`` tokens."""
+        return self.room is None or n_tokens <= self.room
+
+    def _check_room(self, n_tokens: int) -> None:
+        # An oracle past context_size would raise CapacityError and hide the real
+        # diagnosis; the checks never ask for one, and this keeps it that way.
+        if not self.fits(n_tokens):
+            raise ValueError(
+                f"internal: oracle asked for {n_tokens} tokens past context_size {self.room}"
+            )
+
+    def _oracle_capacity_fault(self, n_tokens: int, exc: CapacityError) -> Fault:
+        return Fault(
+            f"{self.step}: the fresh handle the suite compares against ({n_tokens} tokens, "
+            f"within context_size={self.room}) raised CapacityError: {exc}. A handle must "
+            f"hold up to context_size tokens"
+        )
 
     def fresh_block(self, before: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """Fresh logits for ``before + tokens`` from one new handle: ``open(before)``, then
@@ -216,9 +245,15 @@ class Probe:
         keys = [tuple(ctx + [int(t) for t in tokens[: j + 1]]) for j in range(len(tokens))]
         if all(k in self._fresh for k in keys):
             return np.stack([self._fresh[k] for k in keys])
+        self._check_room(len(keys[-1]) if keys else len(ctx))
         step = self.step
-        handle = self.open(ctx, what=f"fresh handle for a {len(ctx)}-token context")
-        rows = self.extend_one(handle, tokens, what=f"oracle for {len(ctx)}+{len(tokens)} tokens")
+        try:
+            handle = self.open(ctx, what=f"fresh handle for a {len(ctx)}-token context")
+            rows = self.extend_one(
+                handle, tokens, what=f"oracle for {len(ctx)}+{len(tokens)} tokens"
+            )
+        except CapacityError as exc:
+            raise self._oracle_capacity_fault(len(ctx) + len(tokens), exc) from exc
         self.close(handle, what="closing a fresh oracle handle")
         self.step = step
         return rows
@@ -266,7 +301,11 @@ class Probe:
         """
         got = self.extend_one(handle, tokens, what)
         want = self.fresh_rows(before, tokens)
-        lazy = [(label, lambda alt=alt: self.fresh_rows(alt, tokens)) for label, alt in explain]
+        lazy = [
+            (label, lambda alt=alt: self.fresh_rows(alt, tokens))
+            for label, alt in explain
+            if self.fits(len(alt) + len(tokens))
+        ]
         self.compare(got, want, what, context_len=len(before), explain=lazy)
         return got
 
@@ -298,11 +337,148 @@ class Probe:
                     f"{what}: row {j} (logits after {context_len + j + 1} tokens) differs from "
                     f"{against}: max |diff| {d:.3g} > tolerance {tol:g}."
                 )
-                hints = [label for label, rows in explain if max_abs_diff(got, rows()) <= tol]
+                hints = [label for label, rows in explain if _matches(got, rows, tol)]
                 hints = hints or _shift_hints(got, want, tol)
                 if hints:
                     msg += " The returned rows match " + "; and ".join(hints) + "."
                 raise Fault(msg)
+
+    def compare_batch(
+        self,
+        got: Sequence[np.ndarray],
+        want: Sequence[np.ndarray],
+        what: str,
+        *,
+        labels: Sequence[str],
+        context_lens: Sequence[int],
+        tolerance: float | None = None,
+        against: str = "a fresh handle holding the same tokens",
+    ) -> None:
+        """Compare the rows of every request of one batch with their expected rows.
+
+        When the rows are all right but in the wrong places (requests swapped, rows
+        permuted), the fault says so and names the requests; otherwise the first bad
+        request is reported as :meth:`compare` does.
+
+        Args:
+            got: the returned rows, one array per request, in batch order.
+            want: the expected rows, same layout.
+            what: the step, for the message.
+            labels: a name per request (``"request 0 (handle 7)"``).
+            context_lens: tokens each request's handle held before the call.
+            tolerance: default: :attr:`tolerance`.
+            against: what the expected rows are, for the message.
+
+        Raises:
+            Fault: a row differs from its expected row by more than the tolerance.
+        """
+        tol = self.tolerance if tolerance is None else tolerance
+        bad = [i for i in range(len(want)) if self.diff(got[i], want[i]) > tol]
+        if bad and len(want) >= 2:
+            src = find_permutation(np.concatenate(got), np.concatenate(want), tol)
+            if src is not None:
+                where = describe_permutation(src, [len(w) for w in want], labels)
+                raise Fault(
+                    f"{what}: rows in the wrong order: every returned row equals an expected "
+                    f"row (within tolerance {tol:g}) but not in its own place: {where}. "
+                    f"extend must return each request's rows in the order the requests were "
+                    f"given (the first request's rows first)."
+                )
+        for i in bad:
+            self.compare(
+                got[i],
+                want[i],
+                f"{what}, {labels[i]}",
+                context_len=context_lens[i],
+                tolerance=tol,
+                against=against,
+            )
+
+
+def find_permutation(got: np.ndarray, want: np.ndarray, tol: float) -> list[int] | None:
+    """Match every returned row to a distinct expected row within ``tol``, if possible.
+
+    Args:
+        got: the returned rows, ``n x vocab``.
+        want: the expected rows, same shape.
+        tol: the tolerance.
+
+    Returns:
+        ``src`` with ``got[i]`` equal to ``want[src[i]]`` for every ``i`` (a row is kept
+        in its own place whenever that works), or ``None`` when some returned row
+        equals no expected row, or the matches cannot be made one-to-one.
+    """
+    n = len(want)
+    if got.shape != want.shape or n > 512:  # too many rows for an n^2 search: no diagnosis
+        return None
+    ok = [[max_abs_diff(got[i], want[j]) <= tol for j in range(n)] for i in range(n)]
+    owner = [-1] * n  # expected row -> returned row matched to it
+
+    def assign(i: int, seen: list[bool]) -> bool:  # Kuhn's augmenting path
+        for j in (i, *(j for j in range(n) if j != i)):
+            if ok[i][j] and not seen[j]:
+                seen[j] = True
+                if owner[j] < 0 or assign(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    for i in range(n):
+        if not assign(i, [False] * n):
+            return None
+    src = [0] * n
+    for j, i in enumerate(owner):
+        src[i] = j
+    return src
+
+
+def describe_permutation(src: Sequence[int], lengths: Sequence[int], labels: Sequence[str]) -> str:
+    """Say where the misplaced rows came from.
+
+    Whole requests in another order read "the rows came back in the order of request 1
+    (handle 5), request 0 (handle 4)"; anything else names each misplaced request's
+    rows ("the rows returned for request 0 (handle 4) are request 1 (handle 5) row 0,
+    ...").
+
+    Args:
+        src: from :func:`find_permutation`, over the batch's rows.
+        lengths: rows per request, in the order the requests were given.
+        labels: a name per request.
+    """
+    starts = [sum(lengths[:a]) for a in range(len(lengths))]
+    order: list[int] = []
+    r = 0
+    while r < len(src):
+        b, k = _locate(src[r], lengths)
+        if k != 0 or list(src[r : r + lengths[b]]) != list(
+            range(starts[b], starts[b] + lengths[b])
+        ):
+            break
+        order.append(b)
+        r += lengths[b]
+    if r == len(src) and sorted(order) == list(range(len(lengths))):
+        return (
+            "whole requests' rows came back in the order "
+            + ", ".join(labels[b] for b in order)
+            + " instead of "
+            + ", ".join(labels)
+        )
+    parts = []
+    for a, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+        sources = [_locate(src[start + k], lengths) for k in range(n)]
+        if sources != [(a, k) for k in range(n)]:
+            rows = ", ".join(f"{labels[b]} row {k}" for b, k in sources)
+            parts.append(f"the rows returned for {labels[a]} are {rows}")
+    return "; ".join(parts)
+
+
+def _matches(got: np.ndarray, rows: Callable[[], np.ndarray], tol: float) -> bool:
+    """Whether ``got`` equals the explanation's rows; ``False`` when they cannot be
+    computed (the explanation then says nothing, and the real mismatch is reported)."""
+    try:
+        return max_abs_diff(got, rows()) <= tol
+    except Exception:  # an explanation must never hide the diagnosis it explains
+        return False
 
 
 def _locate(row: int, lengths: Sequence[int]) -> tuple[int, int]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ssd_core import ConfigError
+
+from ._watchdog import DEFAULT_TIMEOUT
 
 __all__ = ["Settings", "default_tolerance"]
 
@@ -14,6 +18,11 @@ def _non_negative(
 ) -> None:
     if value is not None and not value >= 0.0:
         raise ConfigError(f"{attribute.name} must be >= 0 (or None for automatic), got {value}")
+
+
+def _timeout(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not value > 0.0):
+        raise ConfigError(f"timeout must be > 0 seconds (or None for no limit), got {value!r}")
 
 
 def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -60,6 +69,12 @@ class Settings:
             ``context_size``); ``None``: 10 quick, 24 full.
         walk_runs: how many random walks (``None``: 1 quick, 6 full).
         walk_steps: operations per walk (``None``: 60 quick, 250 full).
+        reference_tolerance: largest difference allowed between the model's rows and a
+            reference scorer's (the ``reference_logits`` check, compared as
+            log-probabilities). ``None``: the larger of ``tolerance`` and
+            ``batch_tolerance``.
+        timeout: seconds each check may run before it is reported as failed (timed
+            out) and abandoned, and the remaining checks are not run; ``None``: no limit.
     """
 
     tolerance: float | None = attrs.field(default=None, validator=_non_negative)
@@ -71,6 +86,8 @@ class Settings:
     seq_len: int | None = None
     walk_runs: int | None = None
     walk_steps: int | None = None
+    reference_tolerance: float | None = attrs.field(default=None, validator=_non_negative)
+    timeout: float | None = attrs.field(default=DEFAULT_TIMEOUT, validator=_timeout)
 
     @property
     def length(self) -> int:
@@ -94,10 +111,19 @@ class Settings:
         """Operations per random walk."""
         return self.walk_steps if self.walk_steps is not None else (60 if self.quick else 250)
 
-    def describe(self, tolerance: float, batch_tolerance: float) -> str:
+    def describe(self, tolerance: float, batch_tolerance: float, *, reference: bool = False) -> str:
         """One line for the report header, with the tolerances actually used."""
         mode = "quick" if self.quick else "full"
-        return (
+        text = (
             f"{mode}, tolerance {tolerance:g}, batch tolerance {batch_tolerance:g}, "
             f"seed {self.seed}, {self.n_handles} handles"
         )
+        if reference:
+            ref = (
+                self.reference_tolerance
+                if self.reference_tolerance is not None
+                else max(tolerance, batch_tolerance)
+            )
+            text += f", reference tolerance {ref:g}"
+        limit = "none" if self.timeout is None else f"{self.timeout:g} s"
+        return text + f", timeout {limit} per check"

@@ -96,14 +96,15 @@ def model_state_machine(
             ]
             what = "extend([" + ", ".join(f"(h{s}, {t})" for s, t in batch) + "])"
             out = self.p.extend([(self.handles[s], t) for s, t in batch], what)
-            for (s, t), got in zip(batch, out, strict=True):
-                self.p.compare(
-                    got,
-                    self.p.fresh_block(self.tokens[s], t),
-                    f"{what}, h{s}",
-                    context_len=len(self.tokens[s]),
-                    tolerance=max(tol, btol),
-                )
+            self.p.compare_batch(
+                out,
+                [self.p.fresh_block(self.tokens[s], t) for s, t in batch],
+                what,
+                labels=[f"h{s}" for s, _ in batch],
+                context_lens=[len(self.tokens[s]) for s, _ in batch],
+                tolerance=max(tol, btol),
+            )
+            for s, t in batch:
                 self.tokens[s].extend(t)
 
         @precondition(lambda self: bool(self.live()) and len(self.live()) < max_live)

@@ -152,15 +152,16 @@ def _execute(p: Probe, ops: Sequence[Op], room: int | None, log: list[str]) -> i
             what = f"step {i}: " + Op(kind="extend", batch=tuple(batch)).describe()
             log.append(what)
             out = p.extend([(handles[s], t) for s, t in batch], what)
-            for (s, t), got in zip(batch, out, strict=True):
-                p.compare(
-                    got,
-                    p.fresh_block(state[s], t),
-                    f"{what}, request h{s}",
-                    context_len=len(state[s]),
-                    tolerance=tol,
-                    against=f"a fresh handle holding h{s}'s tokens",
-                )
+            p.compare_batch(
+                out,
+                [p.fresh_block(state[s], t) for s, t in batch],
+                what,
+                labels=[f"request h{s}" for s, _ in batch],
+                context_lens=[len(state[s]) for s, _ in batch],
+                tolerance=tol,
+                against="a fresh handle holding the request's tokens",
+            )
+            for s, t in batch:
                 state[s].extend(t)
         elif not exists or (op.kind == "use_closed") != (op.slot in shut):
             continue  # made invalid by shrinking

@@ -22,13 +22,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ssd_core import SamplingParams, SSDConfig, generate
+from ssd_core import ConfigError, SamplingParams, SSDConfig, generate
 
 from ._report import CheckResult, Report, Status
+from ._watchdog import DEFAULT_TIMEOUT, CheckTimeout, call_with_timeout
 from .exact import compare_exact, logits_fn_of, restrict_vocab
-from .stats import bonferroni, statistical_lossless_test
+from .stats import bonferroni, power_lower_bound, required_samples, statistical_lossless_test
 
-__all__ = ["DEFAULT_MODES", "DEFAULT_PROCESSORS", "check_lossless"]
+__all__ = [
+    "DEFAULT_MODES",
+    "DEFAULT_PROCESSORS",
+    "QUICK_MODES",
+    "QUICK_PROCESSORS",
+    "check_lossless",
+    "lossless_plan",
+    "planned_power",
+]
 
 #: name -> (mode, config) for the statistical family.
 DEFAULT_MODES: dict[str, tuple[str, SSDConfig | None]] = {
@@ -46,6 +55,17 @@ DEFAULT_PROCESSORS: dict[str, SamplingParams] = {
     "minp0.05": SamplingParams(temperature=1.0, min_p=0.05),
     "T2-topk20-draftT0.7": SamplingParams(temperature=2.0, top_k=20, draft_temperature=0.7),
 }
+
+
+#: The modes, processors and bins of ``--quick``: fewer, coarser tests with more
+#: samples each, so every test has real power (see :func:`lossless_plan`).
+QUICK_MODES = ("sd", "ssd-neural", "ssd-fast")
+QUICK_PROCESSORS = ("T1",)
+QUICK_BINS = 6
+FULL_BINS = 16
+
+#: Below this planned power per test a run is labelled a smoke test.
+SMOKE_POWER = 0.9
 
 
 def _row(name: str, ok: bool, figure: str, message: str, t0: float) -> CheckResult:
@@ -68,6 +88,105 @@ def _error_row(name: str, exc: BaseException, t0: float) -> CheckResult:
     )
 
 
+def planned_power(
+    samples: int, family_size: int, *, family_alpha: float, effect_tv: float, max_bins: int
+) -> float:
+    """The power each statistical test of a family has, at least, before it runs.
+
+    A test with fewer bins than ``max_bins`` (a peaked target) has fewer degrees of
+    freedom and so more power; this is the bound for the worst case.
+
+    Args:
+        samples: samples per test.
+        family_size: tests in the Bonferroni family.
+        family_alpha: family-wise false-alarm bound.
+        effect_tv: the binned total-variation distance the power refers to.
+        max_bins: bins per test.
+
+    Returns:
+        The lower bound on each test's power against any alternative at binned TV >=
+        ``effect_tv`` (asymptotic; see :func:`conformance.stats.power_lower_bound`).
+    """
+    alpha = bonferroni(family_alpha, family_size)
+    return power_lower_bound(samples, max(max_bins - 1, 1), alpha, effect_tv)
+
+
+def lossless_plan(
+    *,
+    quick: bool = True,
+    samples: int | None = None,
+    modes: Sequence[str] | None = None,
+    processors: Sequence[str] | None = None,
+    max_bins: int | None = None,
+    family_alpha: float = 1e-4,
+    effect_tv: float = 0.05,
+    power: float = SMOKE_POWER,
+) -> dict[str, Any]:
+    """Keyword arguments for :func:`check_lossless`: which tests, and how many samples.
+
+    ``quick`` runs SD, SSD-neural and SSD-fast at temperature 1 with 6 bins; full runs
+    every mode of :data:`DEFAULT_MODES` under every processor of
+    :data:`DEFAULT_PROCESSORS` with 16 bins. Unless ``samples`` is given, each test gets
+    the samples that give it ``power`` against a binned TV of ``effect_tv``, rounded up
+    to a hundred (quick: 4,000 per test, 3 tests, as many samples in all as the
+    8 x 1,500 smoke test it replaces, whose power was 0.03; full: 5,800 per test, 20
+    tests).
+
+    Args:
+        quick: the short plan (the CLI's ``--quick``) or the long one.
+        samples: samples per test; ``None``: enough for ``power``.
+        modes: names from :data:`DEFAULT_MODES`; ``None``: the plan's.
+        processors: names from :data:`DEFAULT_PROCESSORS`; ``None``: the plan's.
+        max_bins: bins per test; ``None``: 6 quick, 16 full.
+        family_alpha: family-wise false-alarm bound.
+        effect_tv: the binned TV the power refers to.
+        power: the power ``samples=None`` aims for.
+
+    Returns:
+        ``modes``, ``processors``, ``samples``, ``max_bins``, ``family_alpha`` and
+        ``effect_tv``, ready for ``check_lossless(make_target, make_draft, **plan)``.
+
+    Raises:
+        ConfigError: an unknown mode or processor name, or a bad number.
+    """
+    mode_names = (
+        list(modes) if modes is not None else (list(QUICK_MODES) if quick else list(DEFAULT_MODES))
+    )
+    proc_names = (
+        list(processors)
+        if processors is not None
+        else (list(QUICK_PROCESSORS) if quick else list(DEFAULT_PROCESSORS))
+    )
+    for kind, names, known in (
+        ("mode", mode_names, DEFAULT_MODES),
+        ("processor", proc_names, DEFAULT_PROCESSORS),
+    ):
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ConfigError(
+                f"unknown or no lossless {kind} names {unknown}; known: {', '.join(known)}"
+            )
+    bins = max_bins if max_bins is not None else (QUICK_BINS if quick else FULL_BINS)
+    if bins < 2:
+        raise ConfigError(f"max_bins must be >= 2, got {bins}")
+    if not 0.0 < effect_tv < 1.0 or not 0.0 < family_alpha < 1.0 or not 0.0 < power < 1.0:
+        raise ConfigError("effect_tv, family_alpha and power must lie in (0, 1)")
+    n_tests = len(mode_names) * len(proc_names)
+    if samples is None:
+        alpha = bonferroni(family_alpha, n_tests)
+        samples = -(-required_samples(bins - 1, alpha, effect_tv, power) // 100) * 100
+    if samples < 1:
+        raise ConfigError(f"samples must be >= 1, got {samples}")
+    return {
+        "modes": {n: DEFAULT_MODES[n] for n in mode_names},
+        "processors": {n: DEFAULT_PROCESSORS[n] for n in proc_names},
+        "samples": int(samples),
+        "max_bins": bins,
+        "family_alpha": family_alpha,
+        "effect_tv": effect_tv,
+    }
+
+
 def check_lossless(
     make_target: Callable[[], Any],
     make_draft: Callable[[], Any],
@@ -84,8 +203,14 @@ def check_lossless(
     processors: dict[str, SamplingParams] | None = None,
     exact_ids: Sequence[int] | None = None,
     subject: str = "target/draft",
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> Report:
     """Check that speculative decoding over these models reproduces the target.
+
+    The report's settings line states the power each statistical test has (at least)
+    against a binned TV of ``effect_tv``; below 0.9 the run is labelled a smoke test,
+    which catches only gross errors. :func:`lossless_plan` picks tests and samples for
+    a stated power.
 
     Args:
         make_target: factory returning a fresh target model.
@@ -103,6 +228,8 @@ def check_lossless(
         exact_ids: if given (2-4 distinct token ids), also enumerate the machine exactly
             on the models restricted to these ids.
         subject: the report's subject.
+        timeout: seconds each row may run (``None``: no limit); a row that takes longer
+            fails as timed out, is abandoned in its thread, and the rest are not run.
 
     Returns:
         A :class:`Report` with one row per check (``lossless.greedy_identity``,
@@ -111,124 +238,183 @@ def check_lossless(
     modes = modes if modes is not None else DEFAULT_MODES
     processors = processors if processors is not None else DEFAULT_PROCESSORS
     start = time.perf_counter()
-    rows: list[CheckResult] = []
+    jobs: list[tuple[str, Callable[[], CheckResult]]] = []
 
     # 1. Greedy identity.
-    t0 = time.perf_counter()
-    try:
-        target, draft = make_target(), make_draft()
-        greedy = SamplingParams(temperature=0.0)
-        outs = {}
-        for name, (mode, config) in modes.items():
-            res = generate(
-                target,
-                draft if mode != "ar" else None,
-                prompts=[list(prompt)],
-                mode=mode,
-                max_new_tokens=greedy_tokens,
-                sampling=greedy,
-                config=config,
-                seed=seed,
-            )
-            outs[name] = res.tokens[0]
-        ref = next(iter(outs.values()))
-        bad = [n for n, o in outs.items() if o != ref]
-        first_diff = ""
-        if bad:
-            o = outs[bad[0]]
-            i = next(
-                (j for j in range(min(len(o), len(ref))) if o[j] != ref[j]), min(len(o), len(ref))
-            )
-            first_diff = f"{bad[0]} differs from {next(iter(outs))} at generated token {i}: {o[i : i + 4]} vs {ref[i : i + 4]}"
-        rows.append(
-            _row(
+    def greedy_identity() -> CheckResult:
+        t0 = time.perf_counter()
+        try:
+            target, draft = make_target(), make_draft()
+            greedy = SamplingParams(temperature=0.0)
+            outs = {}
+            # AR is the baseline even when the statistical family leaves it out.
+            for name, (mode, config) in {"ar": ("ar", None), **modes}.items():
+                res = generate(
+                    target,
+                    draft if mode != "ar" else None,
+                    prompts=[list(prompt)],
+                    mode=mode,
+                    max_new_tokens=greedy_tokens,
+                    sampling=greedy,
+                    config=config,
+                    seed=seed,
+                )
+                outs[name] = res.tokens[0]
+            ref = next(iter(outs.values()))
+            bad = [n for n, o in outs.items() if o != ref]
+            first_diff = ""
+            if bad:
+                o = outs[bad[0]]
+                i = next(
+                    (j for j in range(min(len(o), len(ref))) if o[j] != ref[j]),
+                    min(len(o), len(ref)),
+                )
+                first_diff = (
+                    f"{bad[0]} differs from {next(iter(outs))} at generated token {i}: "
+                    f"{o[i : i + 4]} vs {ref[i : i + 4]}"
+                )
+            return _row(
                 "lossless.greedy_identity",
                 not bad,
-                f"{len(modes)} modes x {greedy_tokens} tokens",
+                f"{len(outs)} modes x {greedy_tokens} tokens",
                 first_diff,
                 t0,
             )
-        )
-    except Exception as exc:
-        rows.append(_error_row("lossless.greedy_identity", exc, t0))
+        except Exception as exc:
+            return _error_row("lossless.greedy_identity", exc, t0)
+
+    jobs.append(("lossless.greedy_identity", greedy_identity))
 
     # 2. Exact enumeration on a restricted vocabulary.
     if exact_ids is not None:
         ids = list(exact_ids)
         small_t = restrict_vocab(logits_fn_of(make_target), ids)
         small_d = restrict_vocab(logits_fn_of(make_draft), ids)
-        for name, mode, config in (
+        for ename, emode, econfig in (
             ("sd", "sd", SSDConfig(k=2)),
             ("ssd", "ssd", SSDConfig(k=1, fanout=(1, 1), fallback="neural", saguaro_c=0.5)),
         ):
             for pname, params in processors.items():
-                rname = f"lossless.exact.{name}.{pname}"
-                t0 = time.perf_counter()
-                try:
-                    c = compare_exact(
-                        small_t,
-                        small_d,
-                        vocab_size=len(ids),
-                        prompts=[[0, 1 % len(ids)]],
-                        params=params,
-                        mode=mode,
-                        config=config,
-                        max_new_tokens=2,
-                    )
-                    ok = c.max_abs_diff <= 1e-9
-                    rows.append(
-                        _row(
+                rname = f"lossless.exact.{ename}.{pname}"
+
+                def exact_row(
+                    rname: str = rname,
+                    mode: str = emode,
+                    config: SSDConfig = econfig,
+                    params: SamplingParams = params,
+                ) -> CheckResult:
+                    t0 = time.perf_counter()
+                    try:
+                        c = compare_exact(
+                            small_t,
+                            small_d,
+                            vocab_size=len(ids),
+                            prompts=[[0, 1 % len(ids)]],
+                            params=params,
+                            mode=mode,
+                            config=config,
+                            max_new_tokens=2,
+                        )
+                        return _row(
                             rname,
-                            ok,
+                            c.max_abs_diff <= 1e-9,
                             f"max|diff| {c.max_abs_diff:.1e}",
-                            f"exact enumeration differs from the target by {c.max_abs_diff:.3g} (TV {c.tv:.3g})",
+                            f"exact enumeration differs from the target by "
+                            f"{c.max_abs_diff:.3g} (TV {c.tv:.3g})",
                             t0,
                         )
-                    )
-                except Exception as exc:
-                    rows.append(_error_row(rname, exc, t0))
+                    except Exception as exc:
+                        return _error_row(rname, exc, t0)
+
+                jobs.append((rname, exact_row))
 
     # 3. The statistical family.
-    alpha = bonferroni(family_alpha, len(modes) * len(processors))
+    n_tests = len(modes) * len(processors)
+    alpha = bonferroni(family_alpha, n_tests)
     fn = logits_fn_of(make_target)
     for i, (mname, (mode, config)) in enumerate(modes.items()):
         for j, (pname, params) in enumerate(processors.items()):
             name = f"lossless.stat.{mname}.{pname}"
-            t0 = time.perf_counter()
-            try:
-                r = statistical_lossless_test(
-                    make_target,
-                    make_draft,
-                    fn,
-                    prompt=prompt,
-                    params=params,
-                    mode=mode,
-                    config=config,
-                    m=m,
-                    samples=samples,
-                    seed=seed + 1000 * i + j,
-                    alpha=alpha,
-                    effect_tv=effect_tv,
-                    max_bins=max_bins,
-                )
-                rows.append(
-                    _row(
+
+            def stat_row(
+                name: str = name,
+                mode: str = mode,
+                config: SSDConfig | None = config,
+                params: SamplingParams = params,
+                test_seed: int = seed + 1000 * i + j,
+            ) -> CheckResult:
+                t0 = time.perf_counter()
+                try:
+                    r = statistical_lossless_test(
+                        make_target,
+                        make_draft,
+                        fn,
+                        prompt=prompt,
+                        params=params,
+                        mode=mode,
+                        config=config,
+                        m=m,
+                        samples=samples,
+                        seed=test_seed,
+                        alpha=alpha,
+                        effect_tv=effect_tv,
+                        max_bins=max_bins,
+                    )
+                    return _row(
                         name,
                         not r.rejected,
                         f"p={r.p_value:.1e} pow={r.power:.2f}",
                         f"output distribution differs from the target: {r.summary()}",
                         t0,
                     )
-                )
-            except Exception as exc:
-                rows.append(_error_row(name, exc, t0))
+                except Exception as exc:
+                    return _error_row(name, exc, t0)
 
+            jobs.append((name, stat_row))
+
+    rows: list[CheckResult] = []
+    hung: str | None = None
+    for name, job in jobs:
+        if hung is not None:
+            rows.append(
+                CheckResult(
+                    name=name,
+                    status=Status.SKIPPED,
+                    message=f"not run: {hung} timed out, and the engine may still be busy in it",
+                )
+            )
+            continue
+        try:
+            rows.append(call_with_timeout(job, timeout, name=name))
+        except CheckTimeout as exc:
+            hung = name
+            rows.append(
+                CheckResult(
+                    name=name,
+                    status=Status.FAILED,
+                    measured=f"timeout {exc.seconds:g} s",
+                    message=f"timed out after {exc.seconds:g} s (timeout={exc.seconds:g}) and "
+                    f"was abandoned (its thread may keep running while a backend call is "
+                    f"stuck); the remaining rows were not run",
+                    seconds=exc.seconds,
+                )
+            )
+
+    power = planned_power(
+        samples, n_tests, family_alpha=family_alpha, effect_tv=effect_tv, max_bins=max_bins
+    )
+    label = (
+        f"power >= {power:.2f} per test at binned TV {effect_tv:g}"
+        if power >= SMOKE_POWER
+        else f"SMOKE TEST: power only {power:.2f} per test at binned TV {effect_tv:g} "
+        f"(catches gross errors only; raise samples for a real test)"
+    )
     return Report(
         subject=subject,
         rows=tuple(rows),
         settings=(
-            f"m={m} samples={samples} family_alpha={family_alpha} alpha={alpha:.1e} "
-            f"effect_tv={effect_tv} seed={seed}"
+            f"{n_tests} tests x {samples} samples, m={m}, bins<={max_bins}, "
+            f"family_alpha={family_alpha} (alpha={alpha:.1e} per test), seed={seed}; {label}"
         ),
         seconds=time.perf_counter() - start,
     )

@@ -325,7 +325,11 @@ def _batch_limit(target: Any, draft: Any, mode: str, config: SSDConfig | None) -
         per_seq = 1
         if mode == "ssd":
             cfg = config or SSDConfig()
-            sizes = [f if isinstance(f, int) else sum(f) for f in (cfg.fanout, cfg.fanout_after_backup) if f is not None]
+            sizes = [
+                f if isinstance(f, int) else sum(f)
+                for f in (cfg.fanout, cfg.fanout_after_backup)
+                if f is not None
+            ]
             per_seq += max(sizes)
         limit = min(limit, d_max // per_seq)
     return max(limit, 1)

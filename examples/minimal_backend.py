@@ -3,6 +3,10 @@
 Run the conformance suite on it with::
 
     python -m conformance examples.minimal_backend:make_model
+    python -m conformance examples.minimal_backend:make_model \
+        --reference examples.minimal_backend:reference_logits
+    python -m conformance examples.minimal_backend:make_model \
+        --draft examples.minimal_backend:make_draft
 
 Everything a real backend does is here in miniature: a handle table (a real backend
 keeps a KV cache or a sequence slot per handle), prefill in ``open``, one logits row
@@ -117,6 +121,19 @@ class BigramModel:
 def make_model() -> BigramModel:
     """The zero-argument factory the conformance suite calls once per check."""
     return BigramModel(vocab_size=50, seed=0, context_size=64)
+
+
+def make_draft() -> BigramModel:
+    """A draft for the lossless half: another table over the same vocabulary."""
+    return BigramModel(vocab_size=50, seed=1, context_size=64)
+
+
+def reference_logits(context: tuple[int, ...]) -> np.ndarray:
+    """An independent reference scorer for the ``reference_logits`` check: the row
+    after ``context``, computed from the seed without any handle (a real backend would
+    run the same weights through transformers here, or read stored logits)."""
+    table = np.random.default_rng(0).standard_normal((50, 50)).astype(np.float32)
+    return table[context[-1]]
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -44,20 +45,24 @@ def smollm2_path() -> Path:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def tiny_path() -> Path:
-    """A tiny random-weight llama GGUF (the conformance suite's fast-tier model), written
-    once per machine into the temporary folder; the weights are fixed by its arguments."""
-    import os
+    """A tiny random-weight llama GGUF (the conformance suite's fast-tier model).
+
+    Written once per process (about 50 ms, 130 kB) into a private directory made by
+    :func:`tempfile.mkdtemp` -- an unpredictable name, mode 0700, removed at exit -- so
+    a file or symlink planted under a guessable name in the shared temporary folder is
+    never loaded. The weights are fixed by the writer's arguments.
+    """
+    import atexit
+    import shutil
     import tempfile
 
     from .testing import write_tiny_llama_gguf
 
-    path = Path(tempfile.gettempdir()) / "ssd-conformance-tiny-llama-v1.gguf"
-    if not path.is_file():
-        partial = path.with_suffix(f".{os.getpid()}.part")
-        write_tiny_llama_gguf(partial, seed=0)
-        partial.replace(path)
-    return path
+    folder = Path(tempfile.mkdtemp(prefix="ssd-tiny-llama-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_tiny_llama_gguf(folder / "tiny-llama.gguf", seed=0)
 
 
 def resolve_model_path(spec: str) -> Path:

@@ -7,6 +7,7 @@ fault. Each class names its bug in its docstring; ``BROKEN`` maps a short name t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -223,6 +224,108 @@ class FewHandles(Wrapper):
             self._used -= 1
 
 
+class SwapsPairs(Wrapper):
+    """A batch of exactly two requests comes back with the second request's rows first
+    (a reversed gather index that only the two-request kernel path uses)."""
+
+    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> Any:
+        if len(requests) != 2:
+            return self.inner.extend(requests)
+        return self.inner.extend(list(reversed(list(requests))))
+
+
+class KeepsWhatFits(Wrapper):
+    """A refused extend is not atomic: the tokens that still fit are appended before
+    the CapacityError is raised (a per-token loop that checks capacity as it goes)."""
+
+    def __init__(self, context_size: int = 12) -> None:
+        super().__init__(reference(order=3))
+        self.context_size = context_size
+
+    def open(self, tokens: Sequence[int]) -> Handle:
+        if len(tokens) > self.context_size:
+            raise CapacityError(f"{len(tokens)} tokens exceed context {self.context_size}")
+        return self.inner.open(tokens)
+
+    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> Any:
+        for handle, toks in requests:
+            room = self.context_size - len(self.inner.tokens(handle))
+            if len(toks) > room:
+                if room > 0:
+                    self.inner.extend([(handle, list(toks)[:room])])
+                raise CapacityError(f"handle {handle!r} is full ({self.context_size} tokens)")
+        return self.inner.extend(requests)
+
+
+class StaleAfterRefusal(Wrapper):
+    """The tokens of a refused extend stay in the engine's batch buffer and are decoded
+    in front of that handle's next extend (a batch not cleared after a failed decode)."""
+
+    def __init__(self, context_size: int = 12) -> None:
+        super().__init__(reference(order=3))
+        self.context_size = context_size
+        self._stale: dict[Handle, list[int]] = {}
+
+    def open(self, tokens: Sequence[int]) -> Handle:
+        if len(tokens) > self.context_size:
+            raise CapacityError(f"{len(tokens)} tokens exceed context {self.context_size}")
+        return self.inner.open(tokens)
+
+    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> Any:
+        for handle, toks in requests:
+            if len(self.inner.tokens(handle)) + len(toks) > self.context_size:
+                self._stale[handle] = list(toks)
+                raise CapacityError(f"handle {handle!r} is full ({self.context_size} tokens)")
+        rows = []
+        for handle, toks in requests:
+            stale = self._stale.pop(handle, [])
+            out = self.inner.extend([(handle, stale + list(toks))])
+            rows.append(out[len(stale) :])
+        return np.concatenate(rows)
+
+
+class DeclaresTooMuch(Wrapper):
+    """``context_size`` says 12 but the engine holds 11 tokens (a slot kept for BOS, or
+    ``n_ctx`` counted from 1)."""
+
+    def __init__(self) -> None:
+        super().__init__(reference(order=3, context_size=11))
+        self.context_size = 12
+
+
+class BakedTemperature(Wrapper):
+    """Every row is divided by 0.7: a sampling temperature baked into the backend. The
+    model agrees with itself everywhere, so only a reference scorer can see it."""
+
+    temperature = 0.7
+
+    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> Any:
+        return self.inner.extend(requests) / self.temperature
+
+
+class HangsOnBatches(Wrapper):
+    """``extend`` of two or more requests never returns (until ``release`` is set): a
+    deadlock in the engine's batching path."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__()
+        self.release = release
+
+    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> Any:
+        if len(requests) >= 2:
+            self.release.wait()
+        return self.inner.extend(requests)
+
+
+def reference_scorer(context: Sequence[int]) -> np.ndarray:
+    """The exact logits of :func:`reference` (what every ``Wrapper`` wraps), as a
+    reference scorer for the suite's optional oracle check."""
+    return _REFERENCE.logits(tuple(context))
+
+
+_REFERENCE = reference()
+
+
 Factory = Callable[[], Any]
 
 #: name -> (factory, checks that must fail, text that the first failing message contains)
@@ -247,6 +350,24 @@ BROKEN: dict[str, tuple[Factory, tuple[str, ...], str]] = {
         ("close",),
         "close() does not release them",
     ),
+    "swaps_pairs": (SwapsPairs, ("batched_vs_separate",), "rows in the wrong order"),
+    "keeps_what_fits": (KeepsWhatFits, ("context_capacity",), "left tokens behind"),
+    "declares_too_much": (
+        DeclaresTooMuch,
+        ("context_capacity",),
+        "the model cannot hold the context_size it declares",
+    ),
+    "stale_after_refusal": (
+        StaleAfterRefusal,
+        ("context_capacity",),
+        "differs from a fresh handle holding the same tokens",
+    ),
+}
+
+#: Faults no self-comparison can see: caught only with a reference scorer
+#: (name -> (factory, text the reference_logits message contains)).
+NEEDS_REFERENCE: dict[str, tuple[Factory, str]] = {
+    "baked_temperature": (BakedTemperature, "temperature of 0.7"),
 }
 
 
@@ -258,4 +379,3 @@ def lossless_target() -> ReferenceModel:
 def lossless_draft() -> ReferenceModel:
     """Its draft: a perturbed copy (same vocabulary)."""
     return ReferenceModel.perturbed(lossless_target(), divergence=0.5, seed=4)
-

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import conformance
 
-from .broken import BROKEN, BatchDependent, ForkAliasing, Noisy, TruncateOffByOne
+from .broken import (
+    BROKEN,
+    BatchDependent,
+    ForkAliasing,
+    Noisy,
+    StaleAfterRefusal,
+    SwapsPairs,
+    TruncateOffByOne,
+    reference,
+)
+
+#: Faults the random walk cannot reach: it sends only valid ids (clips_tokens), its
+#: oracle scores each request with one multi-token extend, so a consistent row shift is
+#: extend_vs_prefill's job (rows_ahead), and it never fills a handle to context_size.
+NOT_FOR_THE_WALK = {"clips_tokens", "rows_ahead", "keeps_what_fits", "stale_after_refusal"}
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
@@ -23,9 +38,7 @@ def test_broken_backend_is_caught(name: str) -> None:
     assert must_fail[0] in str(info.value)
 
 
-# The walk sends only valid ids (clips_tokens), and its oracle scores each request with
-# one multi-token extend, so a consistent row shift (rows_ahead) is extend_vs_prefill's job.
-@pytest.mark.parametrize("name", sorted(set(BROKEN) - {"clips_tokens", "rows_ahead"}))
+@pytest.mark.parametrize("name", sorted(set(BROKEN) - NOT_FOR_THE_WALK))
 def test_random_walk_alone_catches_stateful_faults(name: str) -> None:
     factory, _, _ = BROKEN[name]
     settings = conformance.Settings(walk_runs=3)  # --quick walks once; give it three tries
@@ -77,3 +90,66 @@ def test_factory_that_raises_fails_every_check() -> None:
     report = conformance.check_model(broken_factory)
     assert all(r.failed for r in report.rows)
     assert "make_model(): raised RuntimeError: weights not found" in report.rows[0].message
+
+
+def test_swapped_pair_is_reported_as_rows_in_the_wrong_order() -> None:
+    """Two requests' rows swapped is not batch dependence: the report names the requests."""
+    row = conformance.check_model(SwapsPairs, only=["batched_vs_separate"]).rows[0]
+    assert row.failed
+    assert "batch of 2 requests (in order): rows in the wrong order" in row.message
+    assert (
+        "order request 1 (handle" in row.message and "instead of request 0 (handle" in row.message
+    )
+    assert "depend on what else is in the batch" not in row.message
+
+
+def test_batch_dependence_is_not_mistaken_for_row_order() -> None:
+    row = conformance.check_model(BatchDependent, only=["batched_vs_separate"]).rows[0]
+    assert "depend on what else is in the batch" in row.message
+    assert "wrong order" not in row.message
+
+
+def test_walk_names_swapped_rows_too() -> None:
+    settings = conformance.Settings(walk_runs=3)
+    row = conformance.check_model(SwapsPairs, only=["stateful_walk"], settings=settings).rows[0]
+    assert "rows in the wrong order" in row.message, row.message
+
+
+def test_row_level_permutation_is_described_row_by_row() -> None:
+    from conformance._probe import describe_permutation, find_permutation
+
+    want = np.arange(12.0).reshape(4, 3)  # request 0: rows 0-1, request 1: rows 2-3
+    got = want[[0, 2, 1, 3]]  # one row of each request traded places
+    src = find_permutation(got, want, 0.0)
+    assert src == [0, 2, 1, 3]
+    text = describe_permutation(src, [2, 2], ["request 0", "request 1"])
+    assert text == (
+        "the rows returned for request 0 are request 0 row 0, request 1 row 0; "
+        "the rows returned for request 1 are request 0 row 1, request 1 row 1"
+    )
+    assert find_permutation(got + 1e-3, want, 0.0) is None  # wrong values: no permutation
+
+
+def test_capacity_fault_is_reported_as_the_rows_it_got_wrong() -> None:
+    """The refused tokens leak into the next extend: the report shows the bad row, not a
+    CapacityError from a comparison handle built past context_size."""
+    row = conformance.check_model(StaleAfterRefusal, only=["context_capacity"]).rows[0]
+    assert row.failed
+    assert "after its refused 3-token extend: row 0" in row.message
+    assert "CapacityError" not in row.message
+
+
+def test_an_explanation_that_cannot_be_computed_never_hides_the_mismatch() -> None:
+    from conformance._probe import Fault, Probe
+    from ssd_core import CapacityError
+
+    p = Probe(reference(), tolerance=0.0, batch_tolerance=0.0, rng=np.random.default_rng(0))
+
+    def impossible() -> np.ndarray:
+        raise CapacityError("past context_size")
+
+    with pytest.raises(Fault) as info:
+        p.compare(
+            np.zeros((1, 4)), np.ones((1, 4)), "step", context_len=3, explain=[("x", impossible)]
+        )
+    assert "row 0 (logits after 4 tokens) differs" in str(info.value)

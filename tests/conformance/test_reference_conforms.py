@@ -23,10 +23,21 @@ from .broken import Wrapper, reference
     ids=["order2", "order3-context12", "zero-mass", "context5"],
 )
 def test_reference_backend_passes(kwargs: dict) -> None:
-    report = conformance.assert_conforms(lambda: ReferenceModel.random(**kwargs))
+    truth = ReferenceModel.random(**kwargs)  # its own logits are the reference scorer
+    report = conformance.assert_conforms(
+        lambda: ReferenceModel.random(**kwargs), reference=truth.logits
+    )
     assert report.passed
     skipped = {r.name for r in report.rows if r.status is conformance.Status.SKIPPED}
     assert skipped == (set() if "context_size" in kwargs else {"context_capacity"})
+
+
+def test_without_a_reference_the_oracle_row_says_what_it_misses() -> None:
+    report = conformance.check_model(reference, only=["reference_logits"])
+    row = report.rows[0]
+    assert row.status is conformance.Status.SKIPPED
+    assert "compares the model only with itself" in row.message
+    assert "temperature baked in" in row.message
 
 
 def test_reference_whole_context_model_passes() -> None:
@@ -52,7 +63,8 @@ TINY_DEFAULTS = {"reference", "ngram"}
 
 
 def _run_backend(name: str) -> None:
-    report = conformance.check_backend(name)
+    # one engine thread: on a shared CPU spinning thread pools make torch ~30x slower
+    report = conformance.check_backend(name, options={"threads": 1})
     report.raise_for_failures()
     if not report.passed:
         assert report.status is conformance.Status.SKIPPED
@@ -155,3 +167,23 @@ def test_a_free_that_raises_fails_the_check() -> None:
     report = conformance.check_model(BadFree, only=["attributes"])
     assert report.failed
     assert "free() raised RuntimeError: double free" in report.rows[0].message
+
+
+def test_documented_tolerance_applies_when_the_cli_leaves_it_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import attrs
+
+    import ssd_core.app.registry as registry
+
+    from .ghost_engine import DRAFT_ONLY
+
+    loose = attrs.evolve(DRAFT_ONLY, conformance_tolerance=0.25)
+    monkeypatch.setattr("tests.conformance.ghost_engine.LOOSE", loose, raising=False)
+    monkeypatch.setitem(registry.IN_HOUSE, "ghost", "tests.conformance.ghost_engine:LOOSE")
+    report = conformance.check_backend(
+        "ghost", tolerance=None, batch_tolerance=None, only=["attributes"]
+    )
+    assert "tolerance 0.25, batch tolerance 0.25" in report.settings
+    mine = conformance.check_backend("ghost", tolerance=0.5, only=["attributes"])
+    assert "tolerance 0.5, batch tolerance 0.25" in mine.settings

@@ -202,9 +202,108 @@ def test_cli_args_need_exactly_one_backend() -> None:
     assert info.value.code == 2
 
 
-def test_cli_runs_the_lossless_half(capsys):
-    rc = main(["tests.conformance.broken:lossless_target", "--draft",
-               "tests.conformance.broken:lossless_draft", "--quick", "--only", "attributes"])
+def test_cli_runs_the_lossless_half_with_its_own_settings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rc = main(
+        [
+            "tests.conformance.broken:lossless_target",
+            "--draft",
+            "tests.conformance.broken:lossless_draft",
+            "--only",
+            "attributes",
+            "--samples",
+            "600",
+            "--modes",
+            "sd,ssd-fast",
+            "--processors",
+            "topp0.8",
+            "--bins",
+            "4",
+            "--exact-ids",
+            "3,7",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "lossless.greedy_identity" in out and "lossless.stat.ssd-fast.T1" in out
+    assert "lossless.greedy_identity" in out and "lossless.stat.ssd-fast.topp0.8" in out
+    assert "lossless.exact.ssd.topp0.8" in out and "lossless.stat.ssd-fast.T1" not in out
+    assert "2 tests x 600 samples, m=2, bins<=4" in out
+    assert "SMOKE TEST: power only 0.0" in out  # 600 samples cannot see TV 0.05
+
+
+def test_quick_lossless_plan_has_real_power_at_the_old_budget() -> None:
+    """--quick used 8 tests x 1,500 samples with power 0.03 at TV 0.05; the plan spends
+    the same samples on fewer, coarser tests, each with power >= 0.9."""
+    from conformance import lossless_plan, planned_power
+
+    for quick in (True, False):
+        plan = lossless_plan(quick=quick)
+        n_tests = len(plan["modes"]) * len(plan["processors"])
+        power = planned_power(
+            plan["samples"],
+            n_tests,
+            family_alpha=plan["family_alpha"],
+            effect_tv=plan["effect_tv"],
+            max_bins=plan["max_bins"],
+        )
+        assert power >= 0.9, (quick, plan["samples"], power)
+        if quick:
+            assert n_tests * plan["samples"] <= 8 * 1500
+    old = planned_power(1500, 8, family_alpha=1e-4, effect_tv=0.05, max_bins=16)
+    assert old < 0.05
+
+
+def test_lossless_plan_rejects_unknown_names() -> None:
+    from conformance import lossless_plan
+
+    with pytest.raises(ConfigError, match="unknown or no lossless processor"):
+        lossless_plan(processors=["T7"])
+    with pytest.raises(ConfigError, match="mode"):
+        lossless_plan(modes=[])
+
+
+def test_cli_lossless_flags_need_a_draft(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["tests.conformance.broken:lossless_target", "--samples", "100"])
+    assert info.value.code == 2
+    assert "give --draft FACTORY too" in capsys.readouterr().err
+
+
+def test_cli_bad_exact_ids_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        [
+            "tests.conformance.broken:lossless_target",
+            "--draft",
+            "tests.conformance.broken:lossless_draft",
+            "--exact-ids",
+            "3",
+        ]
+    )
+    assert rc == 2
+    assert "2-4 distinct token ids" in capsys.readouterr().err
+
+
+def test_cli_reference_catches_a_baked_temperature(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["tests.conformance.broken:BakedTemperature"]
+    assert main(args) == 0  # the model agrees with itself everywhere
+    capsys.readouterr()
+    rc = main([*args, "--reference", "tests.conformance.broken:reference_scorer"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAILED reference_logits" in out and "temperature of 0.7" in out
+
+
+def test_cli_reference_must_be_callable_or_mapping(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["tests.conformance.broken:Wrapper", "--reference", "conformance:DEFAULT_TIMEOUT"])
+    assert rc == 2
+    assert "neither callable nor a mapping" in capsys.readouterr().err
+
+
+def test_cli_timeout_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tests.conformance.broken:Wrapper", "--only", "attributes", "--timeout", "0"]) == 0
+    assert "timeout none per check" in capsys.readouterr().out
+    assert main(["tests.conformance.broken:Wrapper", "--only", "attributes", "--timeout", "7"]) == 0
+    assert "timeout 7 s per check" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["tests.conformance.broken:Wrapper", "--timeout", "-1"])
