@@ -97,7 +97,16 @@ from ._jobs import (
 )
 from ._math import namespace, to_host
 from ._metrics import Counters, LaneTimes, Metrics, RequestMetrics
-from ._policy import CostFit, CostModel, confidence, keep_length, predict_from, worth_drafting
+from ._policy import (
+    CostFit,
+    CostModel,
+    choose_budget,
+    confidence,
+    hit_curve,
+    keep_length,
+    predict_from,
+    worth_drafting,
+)
 from ._protocol import Handle
 from ._random import RandomSource, Stream
 from ._requests import Lane, Request
@@ -1143,7 +1152,12 @@ class Machine:
             value = self.config.fanout_after_backup
         if isinstance(value, tuple):
             return value if n == self.k else value[:n] + (value[self.k],)
-        return s.stats["backup" if backup else "primary"].plan(value, n)
+        stats = s.stats["backup" if backup else "primary"]
+        if self.config.adaptive:  # the budget is a cap; Thm 7 picks what pays
+            r = stats.power_law_r
+            hit = hit_curve(stats.ranks, r)
+            value = choose_budget(stats.accept_rate, hit, r, n, self.cost, value)
+        return stats.plan(value, n)
 
     def _saguaro_fan(self, s: Seq, *, backup: bool, length: int) -> tuple[int, ...]:
         """The F used to down-weight draft tokens under Saguaro sampling: the fan-out

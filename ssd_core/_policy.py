@@ -28,8 +28,9 @@ is in flight.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -42,7 +43,9 @@ __all__ = [
     "Calibration",
     "CostFit",
     "CostModel",
+    "choose_budget",
     "confidence",
+    "hit_curve",
     "keep_length",
     "predict_from",
     "worth_drafting",
@@ -217,3 +220,56 @@ class CostFit:
         row = max(row, 0.0)
         call = max((self.sy - row * self.sx) / self.n, 0.0)
         return call, row
+
+
+def hit_curve(ranks: Sequence[int], r: float) -> Callable[[int], float]:
+    """P(the realised token is among a position's top-F candidates), as a function of F:
+    the empirical share of observed ranks <= F once there are 8 observations, else the
+    prior ``1 - (1 + F)^-r`` (a half at F = 1 for r = 1)."""
+    if len(ranks) >= 8:
+        ordered = sorted(ranks)
+        n = len(ordered)
+
+        def empirical(f: int) -> float:
+            return bisect.bisect_right(ordered, f) / n if f >= 1 else 0.0
+
+        return empirical
+
+    def prior(f: int) -> float:
+        return 1.0 - (1.0 + f) ** (-max(r, 1e-3)) if f >= 1 else 0.0
+
+    return prior
+
+
+def choose_budget(
+    alpha: float, hit: Callable[[int], float], r: float, n: int, cost: CostModel, most: int
+) -> int:
+    """The fan-out budget (at most ``most``) that makes an SSD round fastest for an
+    ``n``-token speculation, by Saguaro's Theorem 7 with Theorem 12's allocation.
+
+    A round lasts ``max(T_verify, T_tree(B))`` -- the tree is drafted while the target
+    verifies, and the next round cannot start before both -- plus, on a cache miss
+    (probability ``1 - p_hit(B)``), a just-in-time draft ``T_backup``. ``p_hit`` sums,
+    over the outcomes "k accepted" (probability ``alpha^k (1 - alpha)``, ``alpha^n`` for
+    all), the hit rate ``hit(F_k)`` of the fan-out the geometric rule (with exponent
+    ``r``) gives that position. The expected tokens per round do not depend on B, so the
+    best budget is the one with the shortest expected round.
+    """
+    from ._fanout import geometric_fanout
+
+    if most <= 0 or n <= 0:
+        return 0
+    verify = cost.verify_call + cost.verify_row * (n + 1)
+    backup = n * cost.draft_step
+    glue = cost.draft_call + cost.draft_row * (n + 1)
+    a = min(max(alpha, 0.0), 1.0)
+    outcome = [a**k * (1.0 - a) for k in range(n)] + [a**n]
+    best, best_time = 0, verify + backup
+    for b in range(1, most + 1):
+        plan = geometric_fanout(b, n, a, r)
+        p_hit = sum(w * hit(f) for w, f in zip(outcome, plan))
+        tree = glue + n * cost.draft_call + cost.draft_row * n * b
+        time = max(verify, tree) + (1.0 - p_hit) * backup
+        if time < best_time - 1e-12:
+            best, best_time = b, time
+    return best
