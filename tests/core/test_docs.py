@@ -47,3 +47,10 @@ def test_no_doc_points_at_a_design_brief_outside_the_project():
             if "DESIGN.md" in line and path.name != "test_docs.py":
                 hits.append(f"{path.relative_to(ROOT)}:{i}")
     assert hits == []
+
+
+def test_the_readme_python_example_runs():
+    text = (ROOT / "README.md").read_text("utf-8")
+    block = re.search(r"## Use it from Python\n\n```python\n(.*?)```", text, re.S)
+    assert block is not None
+    exec(compile(block.group(1), "README.md", "exec"), {})
