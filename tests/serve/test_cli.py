@@ -142,3 +142,17 @@ def test_a_busy_port_is_a_clear_error():
         )  # fmt: skip
     assert out.returncode == 2
     assert "cannot listen on 127.0.0.1:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_seeded_request_equals_ssd_generate_with_the_same_flags(serve, client, capsys):
+    from ssd_core.app.cli import main
+
+    flags = ["--backend", "reference", "--temperature", "1", "--fallback", "neural", "--seed",
+             "3", "--max-new-tokens", "10", "--k", "4", "--fanout", "12"]  # fmt: skip
+    assert main(["generate", *flags, "--json", "1 2 3"]) == 0
+    expected = json.loads(capsys.readouterr().out)["tokens"]
+    live = serve(config=SSDConfig(k=4, fanout=12))
+    r = client(live).post(
+        "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 10, "seed": 3}
+    )
+    assert r.json()["choices"][0]["token_ids"] == expected

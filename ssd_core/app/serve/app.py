@@ -87,6 +87,8 @@ class ServerState:
         self.active: set[RequestHandle] = set()
         self.draining = False
         self.shutdown_cancelled = False
+        #: The first generation failure: the engine fails every request and closes.
+        self.failure: BaseException | None = None
         cfg = engine.config
         self.metrics = ServerMetrics(
             engine,
@@ -122,7 +124,7 @@ class ServerState:
         """
         if self.draining:
             raise ApiError(503, "the server is shutting down", code="server_shutting_down")
-        if self.engine.closed:
+        if self.engine_down:
             raise ApiError(503, "the engine has stopped; see the server log", code="engine_closed")
         capacity = self.engine.capacity
         if count > capacity:
@@ -143,6 +145,11 @@ class ServerState:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
+
+    @property
+    def engine_down(self) -> bool:
+        """The engine failed (it is closing, or closed) or was closed."""
+        return self.failure is not None or self.engine.closed
 
     # -- shutdown -----------------------------------------------------------------------
 
@@ -273,6 +280,9 @@ async def _pump(
         state.metrics.finished(route, result)
         out((index, result))
     except GenerationError as exc:
+        if state.failure is None:
+            log.error("generation failed; the engine is stopping: %s", exc)
+            state.failure = exc
         out((index, exc))
 
 
@@ -510,7 +520,7 @@ def create_app(
             return ApiError(
                 503, "the server is shutting down", code="server_shutting_down"
             ).response()
-        if engine.closed:
+        if state.engine_down:
             return ApiError(503, "the engine has stopped", code="engine_closed").response()
         return JSONResponse({"status": "ok"})
 

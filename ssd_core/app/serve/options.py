@@ -78,6 +78,13 @@ class ServeOptions:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``ssd serve``."""
+    p.description = (
+        "Serve the model over HTTP with the OpenAI API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health, /metrics). The decoding flags set "
+        "the defaults of requests that leave a field out; here --temperature defaults to "
+        "1.0 (as the OpenAI API), --fallback to neural (seeded requests reproducible) and "
+        "--max-new-tokens to 256. See docs/serving.md."
+    )
     p.add_argument("--mode", choices=MODES, default="ssd")
     add_model_args(p)
     add_decode_args(p)
