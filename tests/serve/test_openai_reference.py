@@ -132,3 +132,19 @@ def test_max_completion_tokens_and_zero(serve):
     assert r.choices[0].model_extra["token_ids"] == [] and r.choices[0].finish_reason == "length"
     r = c.completions.create(model="reference", prompt=[1], extra_body={"max_completion_tokens": 3})
     assert r.usage.completion_tokens == 3
+
+
+def test_stop_token_ids_end_a_choice_on_an_id_only_model(serve):
+    live = serve()
+    c = _client(live)
+    full = c.completions.create(model="reference", prompt=[2, 3], max_tokens=20, seed=8)
+    ids = full.choices[0].model_extra["token_ids"]
+    stop = ids[5]
+    first = ids.index(stop)
+    r = c.completions.create(model="reference", prompt=[2, 3], max_tokens=20, seed=8,
+                             extra_body={"stop_token_ids": [stop]})  # fmt: skip
+    (choice,) = r.choices
+    assert choice.model_extra["token_ids"] == ids[: first + 1]  # kept, as vLLM does
+    assert choice.finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        c.completions.create(model="reference", prompt=[2], extra_body={"stop_token_ids": [64]})

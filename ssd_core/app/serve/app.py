@@ -177,6 +177,28 @@ class ServerState:
 def _sampling(state: ServerState, req: _Sampling) -> SamplingParams:
     d = state.options.defaults
     stop = req.stop if req.stop is not None else ()
+    if stop and state.tokenizer is None:
+        raise ApiError(
+            400,
+            f"stop strings need a model with a tokenizer; {state.model_name!r} is id-only "
+            "(use stop_token_ids)",
+            param="stop",
+            code="invalid_value",
+        )
+    stop_ids = None
+    if req.stop_token_ids is not None:
+        vocab = state.engine.vocab_size
+        bad = [t for t in req.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(
+                400,
+                f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})",
+                param="stop_token_ids",
+                code="invalid_value",
+            )
+        # As vLLM: these end a choice besides the end-of-sequence ids (unless ignore_eos).
+        eos = () if req.ignore_eos or state.tokenizer is None else state.tokenizer.eos_token_ids
+        stop_ids = tuple(dict.fromkeys([*req.stop_token_ids, *eos]))
     try:
         return SamplingParams(
             temperature=d.temperature if req.temperature is None else req.temperature,
@@ -185,6 +207,7 @@ def _sampling(state: ServerState, req: _Sampling) -> SamplingParams:
             min_p=d.min_p if req.min_p is None else req.min_p,
             draft_temperature=d.draft_temperature,
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            stop_token_ids=stop_ids,
             ignore_eos=req.ignore_eos,
         )
     except ConfigError as exc:

@@ -8,7 +8,7 @@ accepted only at their neutral value, and refused otherwise: a client never gets
 answer that silently ignored what it asked for.
 
 Extensions beyond the OpenAI API, as vLLM names them: ``top_k``, ``min_p``,
-``ignore_eos``.
+``ignore_eos``, ``stop_token_ids``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(
         default=False, description="extension: keep generating past end-of-sequence tokens"
+    )
+    stop_token_ids: list[int] | None = Field(
+        default=None,
+        description="extension: token ids that end a choice (kept in its tokens), besides "
+        "the end-of-sequence ids",
     )
     user: str | None = Field(default=None, description="accepted and ignored (OpenAI field)")
     presence_penalty: float | None = None
