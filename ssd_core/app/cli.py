@@ -26,6 +26,7 @@ from .common import (
     sampling_from,
 )
 from .registry import available_backends, load_backend
+from .serve import add_serve_args, run_serve
 
 __all__ = ["build_parser", "main"]
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(bench)
     add_decode_args(bench)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (docs/serving.md)")
+    add_serve_args(serve)
 
     sub.add_parser("backends", help="list installed backends")
     return parser
@@ -144,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args)
+        if args.command == "serve":
+            return run_serve(args)
     except GenerationError as exc:
         print(f"ssd: {exc}", file=sys.stderr)
         return 1
