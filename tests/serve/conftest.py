@@ -28,11 +28,15 @@ TARGET_SPEC = "vocab=64,order=2,seed=1"
 
 
 def reference_pair(
-    spec: str = TARGET_SPEC, *, latency_ms: float = 0.0, divergence: float = 0.5
+    spec: str = TARGET_SPEC, *, latency_ms: float = 0.0, divergence: float = 0.5, sleep: bool = True
 ) -> tuple[Model, Model]:
-    """A reference target and its perturbed draft (``latency_ms`` sleeps per call)."""
+    """A reference target and its perturbed draft (``latency_ms`` sleeps per call, unless
+    ``sleep`` is false: the same declared costs -- which the engine's speculation
+    policy plans with, so they shape the tokens -- without the wait)."""
     backend = load_backend("reference")
     slow = f",latency_ms={latency_ms}" if latency_ms else ""
+    if latency_ms and not sleep:
+        slow += ",sleep=0"
     target = backend.load(spec + slow, {"role": "target"})
     draft = backend.load(
         f"divergence={divergence}{slow}",

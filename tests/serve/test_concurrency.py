@@ -58,8 +58,9 @@ def test_32_concurrent_streaming_clients(serve, mode):
     live = serve(target, draft, mode=mode, config=CONFIG, max_batch=8, max_queue=64)
     rng = random.Random(2024)
     plans = [[_plan(rng, c, j) for j in range(ROUNDS)] for c in range(CLIENTS)]
-    # What each seeded request gives alone, from generate() on unslowed copies of the models.
-    quiet_t, quiet_d = reference_pair()
+    # What each seeded request gives alone, from generate() on copies of the models that
+    # declare the same costs but do not sleep.
+    quiet_t, quiet_d = reference_pair(latency_ms=1.0, sleep=False)
     expected = {
         (c, j): _alone(quiet_t, quiet_d, mode, p)
         for c, row in enumerate(plans)
