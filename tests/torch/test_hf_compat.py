@@ -28,12 +28,25 @@ class _Legacy4x(torch.nn.Module):
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=None, return_dict=None, num_logits_to_keep=0):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        return_dict=None,
+        num_logits_to_keep=0,
+    ):
         self.seen.append("past_key_values")
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, cache=past_key_values, use_cache=use_cache,
-                          logits_to_keep=num_logits_to_keep)
+        return self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=num_logits_to_keep,
+        )
 
 
 def test_legacy_keywords(th):
@@ -56,23 +69,18 @@ def test_current_keywords(th):
     assert runner._keep_kw is not None
 
 
-def test_read_cache_layouts():
-    k, v = torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4)
+def test_pool_cache_is_a_transformers_cache(th):
+    """Models that check ``isinstance(cache, Cache)`` accept the pool's cache object, and
+    its ``update`` stores keys/values in the pool and returns views of the arenas."""
+    from transformers import Cache
 
-    class Layer:
-        keys, values = k, v
-
-    class New:
-        layers = [Layer(), Layer()]
-
-    class Old:
-        key_cache = [k, k]
-        value_cache = [v, v]
-
-    class Legacy:
-        def to_legacy_cache(self):
-            return ((k, v),)
-
-    for cache, n in ((New(), 2), (Old(), 2), (Legacy(), 1)):
-        out = HFRunner._read_cache(cache)
-        assert len(out) == n and out[0][0] is k and out[0][1] is v
+    model = TorchModel.from_module(th.tiny_llama(0))
+    h = model.open(PROMPT)
+    model.extend([(h, [1])])
+    cache_cls = model._runner._cache_cls
+    assert issubclass(cache_cls, Cache)
+    pool = model.pool
+    assert sorted(pool.keys) == [0, 1]  # one arena per layer, allocated on first write
+    k = pool.keys[0]
+    assert k.shape == (2, pool.capacity, 8)  # [kv_heads, slots, head_dim]
+    assert model.computed(h) == len(PROMPT) + 1
