@@ -8,7 +8,9 @@ host-to-device copy the host waits for), and ops whose output shape depends on t
 (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``). With
 ``simulate=True`` every tensor counts as a device tensor, so the same count is taken on a
 CPU-only machine (CI): ``bool(cpu_tensor)`` is then a sync, because it would be one on
-the GPU. Modes are per thread: count with the sequential driver, or inside the thread
+the GPU; a copy counts as a download only when its destination is spelled ``"cpu"``
+(``.to(x.device)`` is taken for a move to the device), and blocking uploads by
+``Tensor.to`` cannot be told from no-ops, so only real runs count them. Modes are per thread: count with the sequential driver, or inside the thread
 that does the work.
 
 :func:`count_copies` counts the bytes written by data-movement ops (a
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["CopyCounter", "HostSyncCounter", "count_copies", "count_host_syncs"]
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
 _READS = {
     "item",
     "tolist",
@@ -96,8 +100,8 @@ class HostSyncCounter:
     def _add(self, kind: str) -> None:
         self.by_kind[kind] += 1
         if self.record_sites:
-            for frame in reversed(traceback.extract_stack()[:-3]):
-                if "/torch/" not in frame.filename and "_counters.py" not in frame.filename:
+            for frame in reversed(traceback.extract_stack()):
+                if not frame.filename.startswith(_TORCH_DIR) and frame.filename != __file__:
                     self.sites[f"{frame.filename}:{frame.lineno} {kind}"] += 1
                     break
 
@@ -144,7 +148,12 @@ class HostSyncCounter:
                 return
             if kwargs.get("non_blocking", False):
                 return
-            if dst_dev.type == "cpu" and src_t.device.type not in ("cpu", "meta"):
+            # Simulated, every tensor is on "the device", so only a destination spelled
+            # "cpu" means the host; .to(x.device) (a torch.device) is a no-op there.
+            spelled = any(a == "cpu" for a in args[1:]) or kwargs.get("device") == "cpu"
+            if self.simulate and dst_dev.type == "cpu" and not spelled:
+                return
+            if dst_dev.type == "cpu" and self._on_device(src_t):
                 self._add(f"download:{name}")
             elif (
                 not self.simulate
