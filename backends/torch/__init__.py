@@ -33,6 +33,7 @@ from ssd_core.app import BackendSpec
 from .._specs import parse_spec_items
 from ._counters import CopyCounter, HostSyncCounter, count_copies, count_host_syncs
 from ._device import Placement, ready_event
+from ._llama import LLAMA_1B, LLAMA_8B, LlamaShape, PlainLlama
 from ._model import TorchModel
 from ._pool import KVPool, Stats
 from ._runners import PLAIN_FORWARD_DOC
@@ -46,6 +47,10 @@ __all__ = [
     "HFTokenizer",
     "HostSyncCounter",
     "KVPool",
+    "LLAMA_1B",
+    "LLAMA_8B",
+    "LlamaShape",
+    "PlainLlama",
     "Placement",
     "Stats",
     "TinyTransformer",

@@ -29,6 +29,7 @@ import collections
 import contextlib
 import os
 import traceback
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,18 +87,31 @@ class HostSyncCounter:
     by_kind: collections.Counter[str] = attrs.field(factory=collections.Counter)
     sites: collections.Counter[str] = attrs.field(factory=collections.Counter)
     record_sites: bool = False
+    _last: str | None = attrs.field(default=None, init=False, repr=False)
+    # results of counted downloads (by id, weakly): on the host even when simulated, so
+    # reading them afterwards (``x.to("cpu").numpy()``) is not a second sync
+    _host: dict[int, Any] = attrs.field(factory=dict, init=False, repr=False)
 
     @property
     def total(self) -> int:
         """All host syncs counted."""
         return sum(self.by_kind.values())
 
+    def _mark_host(self, t: torch.Tensor) -> None:
+        if len(self._host) > 4096:  # forget dead tensors
+            self._host = {k: r for k, r in self._host.items() if r() is not None}
+        self._host[id(t)] = weakref.ref(t)
+
     def _on_device(self, t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and (
-            self.simulate or t.device.type not in ("cpu", "meta")
-        )
+        if not isinstance(t, torch.Tensor):
+            return False
+        ref = self._host.get(id(t))
+        if ref is not None and ref() is t:  # a counted download's result: on the host
+            return False
+        return self.simulate or t.device.type not in ("cpu", "meta")
 
     def _add(self, kind: str) -> None:
+        self._last = kind
         self.by_kind[kind] += 1
         if self.record_sites:
             for frame in reversed(traceback.extract_stack()):
@@ -171,9 +185,20 @@ class _SyncMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        counter = self.counter
+        counter._last = None
         with contextlib.suppress(TypeError, ValueError, RuntimeError):  # odd arguments:
-            self.counter.classify(name, tuple(args), kwargs)  # torch will complain itself
-        return func(*args, **kwargs)
+            counter.classify(name, tuple(args), kwargs)  # torch will complain itself
+        out = func(*args, **kwargs)
+        if counter._last in ("cpu", "download:to", "download:copy_"):
+            if name != "copy_" and args and out is args[0]:
+                # simulated, ``.cpu()``/``.to("cpu")`` hands back the same tensor; on a
+                # GPU it is a new host tensor, so make it one (the device tensor stays)
+                out = out.clone()
+            target = args[0] if name == "copy_" else out
+            if isinstance(target, torch.Tensor):
+                counter._mark_host(target)
+        return out
 
 
 @contextlib.contextmanager

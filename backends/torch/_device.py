@@ -345,14 +345,3 @@ class DeviceContext:
         with contextlib.suppress(AttributeError, TypeError):  # a subclass without __dict__
             tensor._ssd_ready_event = event  # type: ignore[attr-defined]
         return tensor
-
-    def elapsed_ms(self) -> list[float]:
-        """Milliseconds per recorded call (reads CUDA events: call once, at the end)."""
-        out = []
-        for start, end in self.timings:
-            if isinstance(start, float):
-                out.append(1e3 * (end - start))
-            else:
-                end.synchronize()
-                out.append(float(start.elapsed_time(end)))
-        return out

@@ -188,6 +188,7 @@ class TorchModel:
             block_size=int(block_size), initial_tokens=int(kv_tokens), stats=self.stats
         )
         self._seqs: dict[Handle, _Seq] = {}
+        self._timing_tags: list[tuple[int, int, int]] = []
 
     # -- constructors -------------------------------------------------------------
 
@@ -414,6 +415,8 @@ class TorchModel:
             self._table.tokens(handle).extend(new)
         self.stats.logit_rows += logits.shape[0]
         self.stats.logits_bytes += logits.numel() * logits.element_size()
+        if self._ctx.timing:
+            self._timing_tags.append((len(rows), sum(len(t) for _, t, _ in rows), len(logits)))
         return self._ctx.hand_over(logits)
 
     def fork(self, handle: Handle, length: int) -> Handle:
@@ -536,10 +539,38 @@ class TorchModel:
         """The event recorded with the latest logits (``None`` without private streams)."""
         return self._ctx.last_event
 
-    def timings_ms(self) -> list[float]:
-        """Per-call milliseconds (CUDA events on a GPU) when built with ``timing=True``;
-        reading them waits for the recorded calls, so call it at the end."""
-        return self._ctx.elapsed_ms()
+    def call_timings(self, reference: Any = None) -> list[dict[str, float]]:
+        """One record per ``extend`` since the last :meth:`clear_timings`, when built with
+        ``timing=True``: ``requests``, ``tokens`` (run through the network), ``rows``
+        (logits returned), ``ms``, and with ``reference`` (a CUDA event recorded earlier
+        on the same device, or a ``time.perf_counter()`` value on CPU) ``start_ms`` and
+        ``end_ms`` from it. Reading CUDA events waits for them: call this at the end.
+        """
+        out = []
+        for (start, end), (requests, tokens, rows) in zip(
+            self._ctx.timings, self._timing_tags, strict=True
+        ):
+            rec: dict[str, float] = {"requests": requests, "tokens": tokens, "rows": rows}
+            if isinstance(start, float):
+                rec["ms"] = 1e3 * (end - start)
+                if reference is not None:
+                    rec["start_ms"], rec["end_ms"] = (
+                        1e3 * (start - reference),
+                        1e3 * (end - reference),
+                    )
+            else:
+                end.synchronize()
+                rec["ms"] = float(start.elapsed_time(end))
+                if reference is not None:
+                    rec["start_ms"] = float(reference.elapsed_time(start))
+                    rec["end_ms"] = float(reference.elapsed_time(end))
+            out.append(rec)
+        return out
+
+    def clear_timings(self) -> None:
+        """Forget the recorded call timings."""
+        self._ctx.timings.clear()
+        self._timing_tags.clear()
 
     def tokens(self, handle: Handle) -> list[int]:
         """A copy of the tokens ``handle`` holds."""

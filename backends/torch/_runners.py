@@ -62,6 +62,9 @@ With ``kv_pool = True`` (class or instance attribute; preferred):
 * ``attention_mask``: ``BoolTensor[1, T, S]``, ``True`` where query ``j`` may see key
   slot ``s``. It is complete (causality included): use it as is.
 * returns ``logits``: ``Tensor[1, T, vocab]`` (or a tuple whose first item is that).
+* optional keyword ``logits_to_keep`` (``int``): when the forward accepts it, only the
+  last ``logits_to_keep`` tokens need logits (``[1, logits_to_keep, vocab]`` is enough);
+  the backend packs the tokens that need logits last.
 
 Without it (the older dense signature, served by copying each row's past out of the
 pool): ``module(input_ids, positions, past, attention_mask) -> (logits, new_past)``
@@ -278,10 +281,13 @@ class ModuleRunner(Runner):
 
     def __init__(self, module: torch.nn.Module) -> None:
         self._module = module
+        params = inspect.signature(module.forward).parameters
+        self._keep_kw = "logits_to_keep" in params
 
     def forward(self, fw: Forward) -> torch.Tensor:
         ids, pos, allowed = fw.packed()
-        out = self._module(ids, pos, PoolCache(fw), allowed[None])
+        extra = {"logits_to_keep": fw.n_logits} if self._keep_kw else {}
+        out = self._module(ids, pos, PoolCache(fw), allowed[None], **extra)
         logits = out[0] if isinstance(out, (tuple, list)) else out
         return logits[0, logits.shape[1] - fw.n_logits :]
 

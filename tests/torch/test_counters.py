@@ -20,8 +20,8 @@ def test_each_kind_of_sync_is_counted_when_simulated():
         int(x[2])
         float(x[3])
         x.tolist()
-        x.cpu()
         x.numpy()
+        x.cpu()
         torch.tensor([1, 2], device="cpu")
         torch.asarray([1], device=x.device)
         torch.nonzero(x)
@@ -214,3 +214,11 @@ def test_accelerate_dispatched_model_runs_through_the_pool(th, tmp_path):
     loaded = TorchModel.from_pretrained(str(tmp_path), device_map=dmap, load_tokenizer=False)
     h = loaded.open([1, 2, 3, 4])
     assert torch.allclose(loaded.extend([(h, [5, 6])]), out_ref[:2], atol=1e-5)
+
+
+def test_a_download_then_numpy_is_one_sync():
+    x = torch.arange(4.0)
+    with count_host_syncs(simulate=True) as c:
+        x.to("cpu").numpy()
+        x.cpu().tolist()
+    assert c.total == 2, c.by_kind
