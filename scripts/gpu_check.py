@@ -25,7 +25,10 @@ What it does, in order (each step is timed against ``--budget-s``):
 6. a prediction at realistic acceptance: the per-call costs measured in step 2, fitted
    as ``ms = a + b * tokens`` per lane, charged by the simulated driver to a reference
    pair with acceptance ~0.87 (DESIGN section 6);
-7. writes ``gpu_check.json`` and ``gpu_check.png`` to ``--out``.
+7. if onnxruntime and onnx are installed, the onnxruntime backend on CUDA: a small
+   exported Llama pair, CUDA vs CPU logits, extend-in-pieces and batched vs fresh
+   prefill on the device, greedy AR == SD == SSD, tokens/s and the KV copy counters;
+8. writes ``gpu_check.json`` and ``gpu_check.png`` to ``--out``.
 
 Usage::
 
@@ -480,6 +483,13 @@ class Check:
             k: {"per_call": a, "per_token": b} for k, (a, b) in lat.items()
         }
         report["simulated"] = self.simulate(lat) if self.left() > 0 else None
+        if self.args.onnxruntime and self.left() > 0:
+            report["onnxruntime"] = onnxruntime_check(self.args, self.failures)
+            log.info(
+                "onnxruntime: %s", {k: v for k, v in report["onnxruntime"].items() if k != "modes"}
+            )
+        elif self.args.onnxruntime:
+            self.skipped.append("onnxruntime")
         for r in timed + upper:
             for run in r["runs"]:
                 run.pop("_calls", None)
@@ -492,6 +502,139 @@ class Check:
         report["failures"] = self.failures
         report["elapsed_s"] = time.perf_counter() - self.t0
         return report
+
+
+def onnxruntime_check(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
+    """The onnxruntime backend on the device (CPU provider, torch CPU buffers, dry run)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as exc:
+        return {"skipped": f"not installed: {exc.name}"}
+    import tempfile
+
+    import numpy as np
+
+    from backends.onnxruntime import CPU, CUDA, OrtModel, export_tiny_llama
+    from ssd_core import SamplingParams, SSDConfig, generate
+
+    small = dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        context_size=1024,
+        seed=1,
+    )
+    if args.dry_run:
+        small.update(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+        )
+    draft_shape = dict(
+        small,
+        hidden_size=small["hidden_size"] // 4,
+        num_layers=1,
+        intermediate_size=small["intermediate_size"] // 4,
+        num_heads=2,
+        num_kv_heads=1,
+        seed=2,
+    )
+    out: dict[str, Any] = {"providers": onnxruntime.get_available_providers()}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        tpath = export_tiny_llama(os.path.join(tmp, "t.onnx"), name="target", **small)
+        dpath = export_tiny_llama(os.path.join(tmp, "d.onnx"), name="draft", **draft_shape)
+        out["export_s"] = time.perf_counter() - t0
+        kw: dict[str, Any] = {"io_binding": True, "kv_on_device": True} if args.dry_run else {}
+        dev = OrtModel.from_file(tpath, providers=[CPU] if args.dry_run else None, **kw)
+        out.update(
+            provider=dev.provider,
+            fell_back=dev.providers.fell_back,
+            io_binding=dev.io_binding,
+            kv_on_device=dev.kv_on_device,
+        )
+        if dev.provider != CUDA and not args.dry_run:
+            failures.append("onnxruntime: the CUDA provider did not load")
+            out["skipped"] = "CUDA provider did not load (CUDA/cuDNN libraries missing?)"
+            return out
+        cpu = OrtModel.from_file(tpath, providers=[CPU])
+
+        def fresh(model: Any, toks: list[int]) -> np.ndarray:
+            h = model.open([])
+            try:
+                return np.asarray(_host(model.extend([(h, toks)])))
+            finally:
+                model.close(h)
+
+        rng = np.random.default_rng(0)
+        toks = rng.integers(0, small["vocab_size"], 200 if not args.dry_run else 60).tolist()
+        g, c = fresh(dev, toks), fresh(cpu, toks)
+        out["device_vs_cpu_max_abs_diff"] = float(np.abs(g - c).max())
+        out["device_vs_cpu_top1_agreement"] = float((g.argmax(-1) == c.argmax(-1)).mean())
+        if out["device_vs_cpu_max_abs_diff"] > 1e-2:
+            failures.append("onnxruntime: device logits differ from CPU logits")
+        h = dev.open(toks[:30])
+        part = _host(dev.extend([(h, toks[30:40])]))
+        kid = dev.fork(h, 35)
+        dev.truncate(h, 32)
+        hs = [dev.open(toks[:20]), h, kid]
+        batch = _host(dev.extend([(x, [7]) for x in hs]))
+        want = np.concatenate([fresh(dev, toks[:n] + [7])[-1:] for n in (20, 32, 35)])
+        out["pieces_vs_fresh"] = float(np.abs(np.asarray(part) - fresh(dev, toks[:40])[30:]).max())
+        out["batched_vs_fresh"] = float(np.abs(np.asarray(batch) - want).max())
+        for name in ("pieces_vs_fresh", "batched_vs_fresh"):
+            if out[name] > 1e-3:
+                failures.append(f"onnxruntime: {name} {out[name]:.2e}")
+        for x in hs:
+            dev.close(x)
+        draft = OrtModel.from_file(dpath, providers=[CPU] if args.dry_run else None, **kw)
+        prompts = [toks[:16], toks[16:24]]
+        ar_tokens, modes = None, {}
+        for mode in ("ar", "sd", "ssd"):
+            generate(
+                dev,
+                draft,
+                prompts=prompts,
+                mode=mode,
+                max_new_tokens=8,
+                sampling=SamplingParams(temperature=0.0),
+                config=SSDConfig(k=4),
+            )  # warm-up
+            dev.stats.clear()
+            t = time.perf_counter()
+            res = generate(
+                dev,
+                draft,
+                prompts=prompts,
+                mode=mode,
+                max_new_tokens=args.tokens,
+                sampling=SamplingParams(temperature=0.0),
+                config=SSDConfig(k=4),
+            )
+            wall = time.perf_counter() - t
+            ar_tokens = ar_tokens or res.tokens
+            modes[mode] = {
+                "tokens_per_s": sum(map(len, res.tokens)) / wall,
+                "greedy_identical": res.tokens == ar_tokens,
+                "target_stats_per_round": {
+                    k: v / max(1, res.metrics.rounds) for k, v in dev.stats.items()
+                },
+            }
+            if res.tokens != ar_tokens:
+                failures.append(f"onnxruntime: greedy {mode} != ar")
+        out["modes"] = modes
+    return out
+
+
+def _host(x: Any) -> Any:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
 
 
 def _shape_dict(shape: Any) -> dict[str, Any]:
@@ -648,6 +791,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fanout", type=int, default=8)
     parser.add_argument("--kv-tokens", type=int, default=None)
     parser.add_argument("--no-upper-bound", dest="upper_bound", action="store_false")
+    parser.add_argument(
+        "--no-onnxruntime",
+        dest="onnxruntime",
+        action="store_false",
+        help="skip the onnxruntime section (it runs when onnxruntime is installed)",
+    )
     parser.add_argument(
         "--budget-s", type=float, default=None, help="stop starting new steps after this long"
     )

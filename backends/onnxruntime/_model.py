@@ -59,7 +59,9 @@ _log = logging.getLogger(__name__)
 #: docs/onnxruntime.md) unless the graph cannot take a padding mask.
 BATCHING = ("auto", "padded", "sequential")
 
-#: Compact a handle's row once it has more unmarked slots than this and its own tokens.
+#: On the device, compact a handle's row once it has more unmarked slots than this and
+#: than its own tokens (host buffers are compacted whenever they have a hole: they are
+#: copied to the device whole on every run).
 _SLACK = 64
 
 
@@ -511,9 +513,9 @@ class OrtModel:
             mask[b, width - len(slots) :] = True
             for dst, src in zip(past, kv.buf, strict=True):
                 buf.gather_slots(src, kv.row, slots, dst, b, width - len(slots))
-        self.stats["kv_copied_bytes"] += (
-            sum(buf.nbytes(p) // width * int(mask.sum()) for p in past) if width else 0
-        )
+        if width:  # bytes of the marked slots copied, over every past input
+            per_slot = sum(buf.nbytes(p) // (width * len(rows)) for p in past)
+            self.stats["kv_copied_bytes"] += per_slot * int(mask.sum())
         return past, mask
 
     def _past(self, rows: Sequence[_KV]) -> tuple[list[Any], np.ndarray]:
@@ -524,6 +526,8 @@ class OrtModel:
         exact = sig.has_mask and sig.has_positions  # the graph skips unmarked slots
 
         def slack_ok(kv: _KV) -> bool:
+            if not self.kv_on_device:  # host buffers cross to the device whole: no holes
+                return len(kv.valid) == kv.length
             return len(kv.valid) - kv.length <= max(_SLACK, kv.length)
 
         if len(rows) == 1:

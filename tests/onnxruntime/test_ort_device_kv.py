@@ -154,3 +154,12 @@ def test_bfloat16_graphs_need_torch_buffers(tmp_path, oh):
     # the CPU provider has no bfloat16 matmul: a clear ConfigError, not a crash
     with pytest.raises(ConfigError, match="cannot run"):
         oh.load(path)
+
+
+def test_copied_bytes_are_the_marked_slots(dev, oh):
+    root = dev.open(PROMPT)
+    dev.extend([(root, [1])])
+    kids = [dev.fork(root, 5), dev.fork(root, 3)]
+    dev.extend([(k, [2]) for k in kids])  # gathers 5 + 3 slots
+    per_slot = 2 * 2 * 2 * 8 * 4  # layers x (key, value) x kv_heads x head_dim x float32
+    assert dev.stats["kv_copied_bytes"] == (5 + 3) * per_slot

@@ -46,6 +46,10 @@ def test_dry_run_writes_a_complete_report(tmp_path):
         assert not [s for s in c["host_sync_top_sites"] if "backends/torch" in s]
     assert [r["runs"][0]["acceptance"] for r in report["upper_bound"]] == [1.0, 1.0]
     assert set(report["simulated"]) == {"ar", "sd", "ssd"}
+    ort = report.get("onnxruntime", {})
+    if "skipped" not in ort:  # onnxruntime installed: its section ran on torch CPU buffers
+        assert ort["kv_on_device"] and ort["device_vs_cpu_max_abs_diff"] < 1e-4
+        assert all(m["greedy_identical"] for m in ort["modes"].values())
     run = report["timed"][0]["runs"][0]
     assert run["target_calls"]["calls"] > 0 and run["peak_mib"] > 0
 
