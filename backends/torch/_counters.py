@@ -16,8 +16,9 @@ that does the work.
 :func:`count_copies` counts the bytes written by data-movement ops (a
 ``TorchDispatchMode``): ``cat``, ``stack``, padding, ``copy_``/``_to_copy``, ``clone``,
 ``index_select``/``index``/``gather``, ``index_copy``/``index_put``/``scatter`` and
-``repeat``. It sees everything under it -- the backend's own KV copies and the model's
-internal ones (e.g. ``repeat_kv`` for grouped-query attention) -- broken down by op.
+``repeat``, and ``reshape``/``contiguous``/``flatten`` when they had to copy. It sees
+everything under it -- the backend's own KV copies and the model's internal ones (e.g.
+transformers' ``repeat_kv`` for grouped-query attention) -- broken down by op.
 
 Both are reusable by tests (a regression test asserts a count) and by
 ``scripts/gpu_check.py``.
@@ -248,6 +249,20 @@ _COPY_OPS = {
 }
 
 
+#: Ops that return a view when they can and copy otherwise (e.g. reshaping an expanded
+#: tensor, transformers' ``repeat_kv``): counted only when the result has new storage.
+_MAYBE_COPY = {"reshape", "contiguous", "flatten", "repeat_interleave"}
+
+
+def _new_storage(out: Any, src: Any) -> bool:
+    if not isinstance(out, torch.Tensor) or not isinstance(src, torch.Tensor):
+        return False
+    try:
+        return out.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage
+        return False
+
+
 @attrs.define
 class CopyCounter:
     """What :func:`count_copies` counted.
@@ -283,7 +298,10 @@ class _CopyMode(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if name in _COPY_OPS:
+        if name in _MAYBE_COPY and args and _new_storage(out, args[0]):
+            self.counter.by_op[name] += _nbytes(out)
+            self.counter.calls[name] += 1
+        elif name in _COPY_OPS:
             if name in ("index_copy_", "index_copy"):
                 written = _nbytes(args[3] if len(args) > 3 else kwargs.get("source"))
             elif name in ("index_put_", "index_put"):

@@ -81,6 +81,9 @@ def _prune_layers(module: Any, keep: int) -> None:
 def _check_hf_attention(module: Any) -> int | None:
     """Refuse HF configurations the packed mask cannot express; returns a context cap.
 
+    The mask reaches attention as a prepared 4-D tensor, which ``eager`` and ``sdpa``
+    honour; flash-attention and flex kernels do not take an arbitrary mask.
+
     A sliding window is honoured by capping the context at the window (attention within
     the window is full attention); other non-full layer types are refused.
     """
@@ -94,6 +97,12 @@ def _check_hf_attention(module: Any) -> int | None:
         raise ConfigError(
             f"torch backend: layer types {sorted(kinds)} are not supported "
             "(full and sliding-window attention only)"
+        )
+    impl = getattr(module.config, "_attn_implementation", None)
+    if impl not in (None, "eager", "sdpa", "ssd_pool_sdpa"):
+        raise ConfigError(
+            f"torch backend: attention implementation {impl!r} cannot take the KV pool's "
+            "tree mask; load the model with attn_implementation='sdpa' (or 'eager')"
         )
     window = getattr(config, "sliding_window", None)
     uses = getattr(config, "use_sliding_window", True) and (
@@ -382,10 +391,12 @@ class TorchModel:
         passes: list[tuple[Forward, Any, list[int]]] = []
         tables: list[list[int]] = [list(seq.table) for seq, _, _ in rows]
         try:
-            overlay: dict[int, int] = {}
-            for group in groups:
-                overlay = self._plan(rows, group, tables, overlay, passes)
+            # planning is host bookkeeping, but growing the pool copies the arenas: it
+            # must be queued on the model's streams like the rest
             with self._ctx():
+                overlay: dict[int, int] = {}
+                for group in groups:
+                    overlay = self._plan(rows, group, tables, overlay, passes)
                 pieces = []
                 for fw, plan, idx in passes:
                     self._pool.run_cow(plan)

@@ -24,6 +24,7 @@ CUDA) and split on the device; nothing here reads a device value back.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -209,6 +210,78 @@ class PoolCache:
         return self._fw.span
 
 
+#: The attention implementation the backend gives sdpa Llama-family models: transformers'
+#: sdpa, except that for the pool's packed row with grouped-query attention the query
+#: heads sharing a KV head are stacked along the query axis, so the pool's keys and
+#: values are read once per KV head instead of being expanded (``repeat_kv``: a copy of
+#: the whole span per layer per call, x the group size). Same results; anything else
+#: (no mask, a batch, softcapping, ...) goes to transformers' sdpa unchanged.
+POOL_SDPA = "ssd_pool_sdpa"
+
+
+def _register_pool_sdpa() -> bool:
+    """Register :data:`POOL_SDPA` with transformers (once); False if it cannot be."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:  # an older transformers: plain sdpa
+        return False
+
+    def pool_sdpa(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        groups = int(getattr(module, "num_key_value_groups", 1))
+        packed = (
+            groups > 1
+            and attention_mask is not None
+            and attention_mask.dtype == torch.bool
+            and attention_mask.dim() == 4
+            and attention_mask.shape[:2] == (1, 1)
+            and query.shape[0] == 1
+            and dropout == 0.0
+            and kwargs.get("softcap") is None
+            and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions")
+        )
+        if not packed:
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )
+        _, heads, t, d = query.shape
+        q = query.reshape(1, key.shape[1], groups * t, d)
+        # the mask repeated per stacked query head, made once per pass (every layer gets
+        # the same mask tensor), kept on the tensor itself
+        cached = getattr(attention_mask, "_ssd_grouped", None)
+        if cached is None or cached[0] != groups:
+            cached = (groups, attention_mask.repeat(1, 1, groups, 1))
+            with contextlib.suppress(AttributeError, TypeError):
+                attention_mask._ssd_grouped = cached  # type: ignore[attr-defined]
+        mask = cached[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, key, value, attn_mask=mask, scale=scaling
+        )
+        return out.reshape(1, heads, t, d).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(POOL_SDPA, pool_sdpa)
+    AttentionMaskInterface.register(POOL_SDPA, sdpa_mask)
+    return True
+
+
 def _hf_cache_class() -> type:
     from transformers import DynamicCache
 
@@ -251,7 +324,11 @@ class HFRunner(Runner):
         self._dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         # sdpa takes a boolean mask as is; eager (and others) add the mask to the scores
         config = getattr(model, "config", None)
-        self._bool_mask = getattr(config, "_attn_implementation", None) == "sdpa"
+        impl = getattr(config, "_attn_implementation", None)
+        if impl == "sdpa" and _register_pool_sdpa():
+            config._attn_implementation = POOL_SDPA  # type: ignore[union-attr]
+            impl = POOL_SDPA
+        self._bool_mask = impl in ("sdpa", POOL_SDPA)
 
     def forward(self, fw: Forward) -> torch.Tensor:
         ids, pos, allowed = fw.packed()

@@ -84,3 +84,61 @@ def test_pool_cache_is_a_transformers_cache(th):
     k = pool.keys[0]
     assert k.shape == (2, pool.capacity, 8)  # [kv_heads, slots, head_dim]
     assert model.computed(h) == len(PROMPT) + 1
+
+
+def test_attention_implementations_without_arbitrary_masks_are_refused(th):
+    from ssd_core import ConfigError
+
+    net = th.tiny_llama(0)
+    net.config._attn_implementation = "eager"
+    TorchModel.from_module(net)  # eager and sdpa take the pool's mask
+    try:
+        net.config._attn_implementation = "flash_attention_2"
+    except (ValueError, ImportError):
+        pytest.skip("this transformers refuses the setting without flash-attn installed")
+    with pytest.raises(ConfigError, match="sdpa"):
+        TorchModel.from_module(net)
+
+
+def test_eager_attention_gets_an_additive_mask(th):
+    net = th.tiny_llama(0)
+    ref = TorchModel.from_module(th.tiny_llama(0))
+    net.config._attn_implementation = "eager"
+    model = TorchModel.from_module(net)
+    assert not model._runner._bool_mask and ref._runner._bool_mask
+    a, b = model.open(PROMPT), ref.open(PROMPT)
+    ka, kb = model.fork(a, 3), ref.fork(b, 3)
+    out = model.extend([(a, [1, 2]), (ka, [5])])
+    assert torch.allclose(out, ref.extend([(b, [1, 2]), (kb, [5])]), atol=1e-5)
+
+
+def test_grouped_query_attention_reads_the_pool_without_expanding_it(th):
+    """With sdpa the backend switches the model to its pool-aware sdpa: same logits, and
+    the keys/values of the span are not expanded per query head (no repeat_kv copy)."""
+    from backends.torch import count_copies
+    from backends.torch._runners import POOL_SDPA
+
+    net, plain = th.tiny_llama(0), th.tiny_llama(0)
+    model = TorchModel.from_module(net)
+    assert net.config._attn_implementation == POOL_SDPA
+    plain.config._attn_implementation = "eager"
+    ref = TorchModel.from_module(plain)
+    a, b = model.open(PROMPT * 4), ref.open(PROMPT * 4)
+    model.extend([(a, [1])])
+    ref.extend([(b, [1])])
+    kids_a = [model.fork(a, 20 + i) for i in range(4)]
+    kids_b = [ref.fork(b, 20 + i) for i in range(4)]
+    with count_copies() as ours:
+        out = model.extend([(k, [9]) for k in kids_a])
+    with count_copies() as eager:
+        want = ref.extend([(k, [9]) for k in kids_b])
+    assert torch.allclose(out, want, atol=1e-5)
+    assert ours.total < eager.total  # eager's repeat_kv expands the span's K/V
+    # the model still works when called directly, with a padding mask
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with torch.inference_mode():
+        got = net(input_ids=ids, attention_mask=mask).logits
+        plain.config._attn_implementation = "sdpa"
+        exp = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[:, -1], exp[:, -1], atol=1e-5)
