@@ -278,7 +278,13 @@ def generate(
         config=config, driver=driver, seed=seed, source=source, on_draft_error=on_draft_error,
     )  # fmt: skip
     try:
-        call.start()
+        if driver == "sequential":
+            # One thread from start to end: the caller's (see Engine.run_here).
+            call.engine._inline = True
+            call.start()
+            call.engine.run_here()
+        else:
+            call.start()
         call.wait_all()
     except BaseException:
         call.engine.close(timeout=1.0)

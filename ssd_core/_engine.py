@@ -478,6 +478,7 @@ class Engine:
         self._ids = itertools.count()
         self._stream_index = itertools.count()
         self._thread: threading.Thread | None = None
+        self._inline = False  # run_here: the caller's thread drives the engine
         self._closing = False
         self._closed = False
         self._failed: BaseException | None = None
@@ -631,7 +632,7 @@ class Engine:
         if msg[0] == "cancel" and self._thread is None:
             return
         self._wake.put(msg)
-        if self._thread is None:
+        if self._thread is None and not self._inline:
             with self._start_lock:
                 if self._thread is None and not self._closed:
                     self._t0 = time.perf_counter()
@@ -647,11 +648,34 @@ class Engine:
             return 0.0
         return (self._t_end or time.perf_counter()) - self._t0
 
-    def _serve(self) -> None:
+    def run_here(self) -> None:
+        """Run the sequential driver in the calling thread until every request
+        submitted so far has ended, then shut the engine down: one thread from start
+        to end (what :func:`~ssd_core.generate` does with ``driver="sequential"``, so
+        a profiler or a per-thread counter sees every backend call). A
+        ``KeyboardInterrupt`` is raised again after the cleanup.
+
+        Raises:
+            MachineError: the engine already runs on its own thread, or the driver is
+                not ``"sequential"``.
+        """
+        if self.driver != "sequential" or self._thread is not None:
+            from ._errors import MachineError
+
+            raise MachineError("run_here needs a sequential engine that has not started")
+        self._inline = True
+        self._t0 = time.perf_counter()
+        exc = self._serve()
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc
+
+    def _serve(self) -> BaseException | None:
+        error: BaseException | None = None
         try:
             {"sequential": self._drive_sequential, "threaded": self._drive_threaded,
              "simulated": self._drive_simulated}[self.driver]()  # fmt: skip
         except BaseException as exc:
+            error = exc
             self._fail_all(exc)
         finally:
             self._t_end = time.perf_counter()
@@ -666,6 +690,7 @@ class Engine:
                 if msg[0] == "submit":
                     for handle, *_ in msg[1]:
                         handle._fail(EngineClosedError("the engine closed before this request ran"))
+        return error
 
     # messages -------------------------------------------------------------------------
 
@@ -802,6 +827,8 @@ class Engine:
             else:
                 if not m.idle:
                     raise InternalError(f"the machine is stuck with nothing to do: {m.state}")
+                if self._inline:
+                    return  # run_here: everything submitted has ended
                 self._t_end = time.perf_counter()
                 self._drain(block=True)
                 self._t_end = None

@@ -3,7 +3,12 @@
 These are test fixtures and a worked example of the graph signature
 :class:`~backends.onnxruntime.OrtModel` expects (see ``docs/onnxruntime.md``). The
 architecture follows Llama: RMSNorm, rotary position embeddings computed from
-``position_ids``, grouped-query attention, a SwiGLU MLP and an untied output head.
+``position_ids``, grouped-query attention, a SwiGLU MLP and an untied output head; with
+options for what Llama-3.x and Qwen2 add -- rope scaling (``linear``, ``llama3``; any
+static rotary table when copied from transformers), biases on the q/k/v (Qwen2), output
+and MLP projections, a head size other than ``hidden / heads`` -- and float16 or
+bfloat16 weights and activations (RMSNorm, softmax and the rotary table in float32, as
+transformers does).
 
 Masking is by *slot*: query ``j`` of a call sits in slot ``past_len + j`` and sees key
 slot ``s`` iff ``s <= past_len + j`` and ``attention_mask[s] == 1``. Positions come only
@@ -57,6 +62,14 @@ def build_tiny_llama(
     scale: float = 0.3,
     seed: int = 0,
     kv_cache: bool = True,
+    head_dim: int | None = None,
+    dtype: str = "float32",
+    qkv_bias: bool = False,
+    o_bias: bool = False,
+    mlp_bias: bool = False,
+    rope_scaling: dict[str, Any] | None = None,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float = 1.0,
 ) -> torch.nn.Module:
     """Build a random-weight tiny Llama as a plain ``torch.nn.Module``.
 
@@ -79,26 +92,41 @@ def build_tiny_llama(
         scale: standard deviation of the random weights; larger is peakier.
         seed: weights are drawn from a generator seeded with this.
         kv_cache: whether the module takes and returns the KV cache.
+        head_dim: per-head size (default ``hidden_size // num_heads``).
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: weights, activations,
+            KV cache and logits (norms, softmax and rotary angles stay float32).
+        qkv_bias: biases on the query/key/value projections (Qwen2 has them).
+        o_bias: a bias on the output projection (Llama's ``attention_bias`` adds it too).
+        mlp_bias: biases on the MLP projections (Llama's ``mlp_bias``).
+        rope_scaling: ``None``, ``{"rope_type": "linear", "factor": f}`` or the
+            Llama-3 form ``{"rope_type": "llama3", "factor", "low_freq_factor",
+            "high_freq_factor", "original_max_position_embeddings"}``.
+        inv_freq: an explicit rotary frequency table (overrides the two above; what
+            :func:`from_hf_llama` copies from transformers).
+        attention_scaling: multiplies cos/sin (transformers' ``attention_scaling``).
 
     Returns:
         The module, in eval mode.
 
     Raises:
-        ConfigError: inconsistent sizes.
+        ConfigError: inconsistent sizes, an unknown dtype or rope scaling.
     """
     import torch
     from torch import nn
 
     if vocab_size < 1 or num_layers < 1 or context_size < 1:
         raise ConfigError("vocab_size, num_layers and context_size must be >= 1")
-    if hidden_size % num_heads or num_heads % num_kv_heads:
+    if num_heads % num_kv_heads or (head_dim is None and hidden_size % num_heads):
         raise ConfigError(
             f"hidden_size {hidden_size} must divide by num_heads {num_heads}, "
             f"which must divide by num_kv_heads {num_kv_heads}"
         )
-    head_dim = hidden_size // num_heads
+    head_dim = head_dim or hidden_size // num_heads
     if head_dim % 2:
         raise ConfigError(f"head_dim {head_dim} must be even for rotary embeddings")
+    torch_dtype = _torch_dtype(dtype)
+    if inv_freq is None:
+        inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
 
     class RMSNorm(nn.Module):
         def __init__(self, dim: int) -> None:
@@ -106,8 +134,9 @@ def build_tiny_llama(
             self.weight = nn.Parameter(torch.ones(dim))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            var = x.pow(2).mean(-1, keepdim=True)
-            return x * torch.rsqrt(var + rms_eps) * self.weight
+            y = x.float()
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + rms_eps)
+            return self.weight * y.to(x.dtype)
 
     def rotate_half(x: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -117,14 +146,14 @@ def build_tiny_llama(
         def __init__(self) -> None:
             super().__init__()
             self.input_norm = RMSNorm(hidden_size)
-            self.q = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-            self.k = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-            self.v = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-            self.o = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+            self.q = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+            self.k = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+            self.v = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+            self.o = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
             self.post_norm = RMSNorm(hidden_size)
-            self.gate = nn.Linear(hidden_size, intermediate_size, bias=False)
-            self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
-            self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+            self.gate = nn.Linear(hidden_size, intermediate_size, bias=mlp_bias)
+            self.up = nn.Linear(hidden_size, intermediate_size, bias=mlp_bias)
+            self.down = nn.Linear(intermediate_size, hidden_size, bias=mlp_bias)
 
         def forward(
             self,
@@ -149,7 +178,7 @@ def build_tiny_llama(
             kk = k.repeat_interleave(rep, dim=1)
             vv = v.repeat_interleave(rep, dim=1)
             scores = (q @ kk.transpose(-1, -2)) / (head_dim**0.5) + bias
-            att = torch.softmax(scores, dim=-1) @ vv
+            att = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vv
             x = x + self.o(att.transpose(1, 2).reshape(b, t, num_heads * head_dim))
             h = self.post_norm(x)
             x = x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
@@ -168,10 +197,8 @@ def build_tiny_llama(
             self.layers = nn.ModuleList(Layer() for _ in range(num_layers))
             self.norm = RMSNorm(hidden_size)
             self.head = nn.Linear(hidden_size, vocab_size, bias=False)
-            inv = 1.0 / (
-                rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-            )
-            self.register_buffer("inv_freq", inv, persistent=False)
+            self.dtype_name = dtype
+            self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
 
         def forward(
             self,
@@ -187,7 +214,8 @@ def build_tiny_llama(
             inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
             freqs = position_ids.to(torch.float32)[:, :, None] * inv_freq[None, None, :]
             emb = torch.cat([freqs, freqs], dim=-1)
-            cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+            cos = (emb.cos() * attention_scaling)[:, None].to(x.dtype)
+            sin = (emb.sin() * attention_scaling)[:, None].to(x.dtype)
             # slot-causal mask combined with the padding mask, as an additive bias
             q_slot = torch.arange(t, device=x.device)[:, None] + p
             k_slot = torch.arange(total, device=x.device)[None, :]
@@ -214,7 +242,67 @@ def build_tiny_llama(
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    model.to(torch_dtype)
+    model.inv_freq = inv_freq.float().clone()  # the rotary table stays float32
     return model.eval()
+
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {_DTYPES}, got {name!r}")
+    return getattr(torch, name)
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """The rotary inverse-frequency table, with Llama-style scaling.
+
+    Args:
+        head_dim: per-head size (even).
+        theta: the rotary base.
+        scaling: ``None`` / ``{"rope_type": "default"}``, ``"linear"`` (``factor``) or
+            ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+            ``original_max_position_embeddings``), as in transformers' configs.
+
+    Raises:
+        ConfigError: another rope type (dynamic ones depend on the sequence length, so a
+            fixed graph cannot hold them), or missing parameters.
+    """
+    import math
+
+    import torch
+
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in ("default", None):
+        return inv
+    try:
+        factor = float(scaling["factor"])  # type: ignore[index]
+        if kind == "linear":
+            return inv / factor
+        if kind == "llama3":
+            low = float(scaling["low_freq_factor"])  # type: ignore[index]
+            high = float(scaling["high_freq_factor"])  # type: ignore[index]
+            old = float(scaling["original_max_position_embeddings"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"rope scaling {scaling} lacks a parameter: {exc}") from None
+    if kind != "llama3":
+        raise ConfigError(
+            f"rope scaling {kind!r} is not supported (default, linear and llama3 are)"
+        )
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def export_module(
@@ -248,7 +336,12 @@ def export_module(
     ids = torch.zeros((1, 3), dtype=torch.int64)
     pos = torch.arange(3, dtype=torch.int64)[None] + (2 if kv else 0)
     mask = torch.ones((1, 5 if kv else 3), dtype=torch.int64)
-    past = [torch.zeros((1, kv_heads, 2, head_dim)) for _ in range(2 * n_layers)] if kv else []
+    dtype = next(module.parameters()).dtype
+    past = (
+        [torch.zeros((1, kv_heads, 2, head_dim), dtype=dtype) for _ in range(2 * n_layers)]
+        if kv
+        else []
+    )
     inputs = ["input_ids", "attention_mask", "position_ids"]
     outputs = ["logits"]
     axes: dict[str, dict[int, str]] = {
@@ -280,7 +373,11 @@ def export_module(
     proto = onnx.load(path)
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
-    meta = {"context_size": str(module.context_size), "name": name}
+    meta = {
+        "context_size": str(module.context_size),
+        "name": name,
+        "dtype": str(getattr(module, "dtype_name", "float32")),
+    }
     for prop in list(proto.metadata_props):
         if prop.key in meta:
             proto.metadata_props.remove(prop)
@@ -352,25 +449,32 @@ def export_test_pair(
     return target, draft
 
 
-def from_hf_llama(hf_model: Any, *, kv_cache: bool = True) -> torch.nn.Module:
-    """Copy a Hugging Face ``LlamaForCausalLM`` into the exportable module.
+def from_hf_llama(
+    hf_model: Any, *, kv_cache: bool = True, dtype: str = "float32"
+) -> torch.nn.Module:
+    """Copy a Hugging Face Llama-family causal LM into the exportable module.
 
-    The result computes the same logits (float32) with the explicit KV-cache signature,
-    so :func:`export_module` can write it to ONNX; e.g. SmolLM2 loaded through
-    transformers (``gguf_file=``) becomes an ONNX graph without an exporter for
-    transformers' cache classes. Supported: the plain Llama architecture (no bias, no
-    rope scaling, ``head_dim == hidden_size / num_attention_heads``), tied or untied
-    embeddings.
+    The result computes the same logits with the explicit KV-cache signature, so
+    :func:`export_module` can write it to ONNX without an exporter for transformers'
+    cache classes; e.g. SmolLM2 loaded through transformers (``gguf_file=``) becomes an
+    ONNX graph. Covered: Llama 1-3.x (rope scaling ``linear``/``llama3``/``yarn`` -- any
+    rotary table that does not depend on the sequence length, copied from the model's
+    own rotary module), ``attention_bias``/``mlp_bias``, Qwen2 (q/k/v biases), a
+    ``head_dim`` other than ``hidden / heads``, tied or untied embeddings.
 
     Args:
-        hf_model: a ``transformers.LlamaForCausalLM`` (or a model with the same layout).
+        hf_model: a ``transformers.LlamaForCausalLM``, ``Qwen2ForCausalLM`` or a model
+            with the same layout (``model.layers[i].self_attn.{q,k,v,o}_proj``,
+            ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``).
         kv_cache: export with or without the KV cache.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for the exported module.
 
     Returns:
-        The module, in eval mode, float32.
+        The module, in eval mode.
 
     Raises:
-        ConfigError: a configuration this copy does not support.
+        ConfigError: a configuration this copy does not support (a rope table that
+            changes with the sequence length, sliding-window or non-full attention).
     """
     import torch
 
@@ -378,14 +482,16 @@ def from_hf_llama(hf_model: Any, *, kv_cache: bool = True) -> torch.nn.Module:
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    if head_dim * heads != cfg.hidden_size:
-        raise ConfigError(f"head_dim {head_dim} x heads {heads} != hidden_size {cfg.hidden_size}")
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        raise ConfigError("Llama models with attention/MLP biases are not supported")
-    rope = getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ConfigError(f"rope scaling {rope} is not supported")
-    theta = getattr(cfg, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("dynamic", "longrope"):
+        raise ConfigError(f"rope scaling {kind!r} depends on the sequence length; not exportable")
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if kinds - {"full_attention"} or getattr(cfg, "use_sliding_window", False):
+        raise ConfigError(f"only full attention is exportable, got layer types {sorted(kinds)}")
+    src = hf_model.model
+    rotary = src.rotary_emb
+    attn0, mlp0 = src.layers[0].self_attn, src.layers[0].mlp
     module = build_tiny_llama(
         vocab_size=int(cfg.vocab_size),
         hidden_size=int(cfg.hidden_size),
@@ -393,12 +499,17 @@ def from_hf_llama(hf_model: Any, *, kv_cache: bool = True) -> torch.nn.Module:
         num_layers=int(cfg.num_hidden_layers),
         num_heads=heads,
         num_kv_heads=kv_heads,
+        head_dim=head_dim,
         context_size=int(cfg.max_position_embeddings),
-        rope_theta=float(theta),
         rms_eps=float(cfg.rms_norm_eps),
         kv_cache=kv_cache,
+        dtype=dtype,
+        qkv_bias=attn0.q_proj.bias is not None,
+        o_bias=attn0.o_proj.bias is not None,
+        mlp_bias=mlp0.gate_proj.bias is not None,
+        inv_freq=rotary.inv_freq.detach().float().cpu(),
+        attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
     )
-    src = hf_model.model
     names = {
         "input_norm": "input_layernorm",
         "post_norm": "post_attention_layernorm",
@@ -412,10 +523,13 @@ def from_hf_llama(hf_model: Any, *, kv_cache: bool = True) -> torch.nn.Module:
     }
     dst: Any = module  # attribute access on the nested TinyLlama class
     with torch.no_grad():
-        dst.embed.weight.copy_(src.embed_tokens.weight.float())
-        dst.norm.weight.copy_(src.norm.weight.float())
-        dst.head.weight.copy_(hf_model.lm_head.weight.float())
+        dst.embed.weight.copy_(src.embed_tokens.weight)
+        dst.norm.weight.copy_(src.norm.weight)
+        dst.head.weight.copy_(hf_model.lm_head.weight)
         for mine, theirs in zip(dst.layers, src.layers, strict=True):
             for a, b in names.items():
-                getattr(mine, a).weight.copy_(theirs.get_submodule(b).weight.float())
+                for part in ("weight", "bias"):
+                    value = getattr(theirs.get_submodule(b), part, None)
+                    if value is not None:
+                        getattr(getattr(mine, a), part).copy_(value)
     return module.eval()

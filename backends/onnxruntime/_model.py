@@ -1,33 +1,53 @@
 """OrtModel: the Model protocol over an ONNX decoder graph run by onnxruntime.
 
 Theory of operation. Each handle holds its token list (a :class:`HandleTable`) and, for
-graphs with a KV cache, the cache of a *prefix* of those tokens: one read-only numpy
-array per ``past_key_values`` input, ``[kv_heads, n_cached, head_dim]``. ``open`` only
-records tokens (the protocol returns no logits there); the first ``extend`` runs the
-uncached tokens and the new ones in one call and keeps the rows for the new ones. Cache
-arrays are never written in place -- every run produces fresh ``present`` arrays -- so
-``fork`` and ``truncate`` are zero-copy slices and handles stay independent.
+graphs with a KV cache, a reference to a KV *buffer* -- one array per
+``past_key_values`` input, ``[B, kv_heads, S, head_dim]``, made by one earlier run and
+shared by every handle that run produced -- plus its row ``b`` in it and a *slot mask*:
+which of the ``S`` slots hold this handle's tokens (the graph signature hides a slot
+whose ``attention_mask`` is 0, and positions come from ``position_ids``, so holes are
+harmless). Buffers are never written after the run that made them, so
 
-Batched extends either run one session call per handle (``batching="sequential"``,
-bit-identical to separate calls) or one padded call (``"padded"``: the past left-padded,
-the new tokens right-padded, an attention mask hiding the padding, explicit position
-ids). Graphs without a cache recompute the whole context on every extend.
+* ``fork(h, n)`` shares the parent's buffer and keeps the first ``n`` marked slots;
+* ``truncate(h, n)`` unmarks slots: nothing moves;
+* ``extend`` feeds the row as the past. One handle: the row itself (a contiguous view,
+  no copy). Several handles that are exactly the rows of one buffer, in order (a batch
+  that was extended together last time: AR at batch B, the target's verifications, the
+  steps of a tree after its first): the buffer itself, no copy. Otherwise the marked
+  slots of each row are gathered into a new left-padded batch (a device copy, counted in
+  ``stats``), which also compacts rows with many unmarked slots. The graph's ``present``
+  outputs become the new buffer.
+
+Where the buffers live (:mod:`backends.onnxruntime._buffers`): with ``io_binding`` and
+torch installed, torch tensors on the session's device -- one IOBinding, bound to their
+data pointers, reused for the model's life; logits are handed back as torch tensors on
+the device, so the core's math runs there. Without torch, numpy arrays on the host (on
+CUDA, onnxruntime then copies the bound host buffers to the device and back each run).
+
+Batched extends run one padded call (``"padded"``: pasts left-padded, new tokens
+right-padded, the mask hiding both) or one call per handle (``"sequential"``, bit-
+identical to separate calls). Graphs without a cache recompute the whole context on
+every extend; graphs without ``attention_mask``/``position_ids`` are compacted before
+use (they cannot skip unmarked slots).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 
 from ssd_core import BackendContractError, CapacityError, ConfigError, Handle, Tokenizer
 
 from .._handles import HandleTable
-from ._providers import CUDA, ProviderChoice, create_session
-from ._runner import BoundRunner, PlainRunner
+from ._buffers import Buffers, NumpyBuffers, TorchBuffers
+from ._providers import CPU, CUDA, PREFERENCE, ProviderChoice, create_session
+from ._runner import BoundRunner, Feed, Output, PlainRunner
 from ._signature import GraphSignature, read_signature
 
 __all__ = ["BATCHING", "OrtModel"]
@@ -39,7 +59,58 @@ _log = logging.getLogger(__name__)
 #: docs/onnxruntime.md) unless the graph cannot take a padding mask.
 BATCHING = ("auto", "padded", "sequential")
 
-KV = tuple[np.ndarray, ...]
+#: On the device, compact a handle's row once it has more unmarked slots than this and
+#: than its own tokens (host buffers are compacted whenever they have a hole: they are
+#: copied to the device whole on every run).
+_SLACK = 64
+
+
+@attrs.define
+class _KV:
+    """One handle's view of a KV buffer."""
+
+    buf: tuple[Any, ...]  # per past input, [B, H, S, D]; () when nothing is cached
+    row: int
+    valid: np.ndarray  # bool [S]: slots holding this handle's tokens, in position order
+    length: int  # tokens cached (= valid.sum())
+
+
+_EMPTY = _KV(buf=(), row=0, valid=np.zeros(0, dtype=bool), length=0)
+
+
+def _torch_cuda() -> Any:
+    """torch, if it is installed with a usable CUDA device; else ``None``."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def with_user_stream(
+    providers: Sequence[str | tuple[str, dict[str, Any]]], make_stream: Callable[[int], Any]
+) -> tuple[list[Any], Any]:
+    """Give the CUDA provider a stream to run on (``user_compute_stream``).
+
+    Args:
+        providers: provider names or ``(name, options)`` pairs.
+        make_stream: ``device_id -> stream`` with a ``cuda_stream`` handle (torch's).
+
+    Returns:
+        ``(providers with the CUDA entry's options extended, the stream or None)``.
+    """
+    out: list[Any] = []
+    stream = None
+    for p in providers:
+        name, opts = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
+        if name == CUDA and stream is None and "user_compute_stream" not in opts:
+            stream = make_stream(int(opts.get("device_id", 0)))
+            opts["user_compute_stream"] = str(stream.cuda_stream)
+            opts["has_user_compute_stream"] = "1"
+            out.append((name, opts))
+        else:
+            out.append(p)
+    return out, stream
 
 
 class OrtModel:
@@ -55,8 +126,12 @@ class OrtModel:
         provider: the execution provider that really runs the graph.
         providers: :class:`ProviderChoice` -- what was asked for and what is active.
         io_binding: whether runs go through an IOBinding.
+        kv_on_device: KV and logits live in torch tensors on the session's device.
         batching: the resolved batching strategy (``"padded"`` or ``"sequential"``).
         signature: the graph's :class:`GraphSignature`.
+        stats: counters -- ``calls``, ``runs``, ``kv_copied_bytes`` (gathers into a new
+            batch), ``kv_zero_copy_runs`` (the past fed as is), ``upload_bytes``,
+            ``logits_bytes``.
     """
 
     tokenizer: Tokenizer | None = None
@@ -71,9 +146,12 @@ class OrtModel:
         context_size: int | None = None,
         batching: str = "auto",
         io_binding: bool | None = None,
+        kv_on_device: bool | None = None,
         device_id: int = 0,
+        stream: Any = None,
         max_handles: int | None = None,
         tokenizer: Tokenizer | None = None,
+        check_finite: bool | None = None,
     ) -> None:
         """Wrap an existing ``onnxruntime.InferenceSession``.
 
@@ -86,13 +164,22 @@ class OrtModel:
             context_size: most tokens per handle, or ``None``.
             batching: one of :data:`BATCHING`.
             io_binding: run through an IOBinding; ``None`` means "when on CUDA".
+            kv_on_device: keep KV and logits in torch tensors on the session's device
+                (``None``: with ``io_binding`` when torch is installed). ``True`` on the
+                CPU provider runs the same code with CPU tensors (tests).
             device_id: device ordinal for the IOBinding on CUDA.
+            stream: the torch stream the CUDA provider runs on (``user_compute_stream``,
+                see :meth:`from_file`); ``None``: order by synchronising instead.
             max_handles: most live handles, or ``None``.
             tokenizer: a :class:`~ssd_core.Tokenizer` for text prompts, or ``None``.
+            check_finite: reject NaN/+inf logits here (default: for host logits; for
+                logits on a device it would cost a host sync per call, and the core
+                checks every logits array anyway).
 
         Raises:
             ConfigError: unknown batching, a graph that does not follow the signature,
-                or an unknown / inconsistent vocabulary size.
+                an unknown / inconsistent vocabulary size, or a bfloat16 graph without
+                torch buffers.
         """
         if batching not in BATCHING:
             raise ConfigError(f"batching must be one of {BATCHING}, got {batching!r}")
@@ -131,14 +218,45 @@ class OrtModel:
             batching = "sequential"
         self.batching = batching
         self.io_binding = on_cuda if io_binding is None else bool(io_binding)
-        self._run: Callable[[dict[str, np.ndarray], Sequence[str]], list[np.ndarray]] = (
-            BoundRunner(session, device_type="cuda" if on_cuda else "cpu", device_id=device_id)
-            if self.io_binding
-            else PlainRunner(session)
-        )
+        if kv_on_device is None:
+            kv_on_device = self.io_binding and _torch_installed()
+        if kv_on_device and not self.io_binding:
+            raise ConfigError("kv_on_device needs io_binding")
+        self.kv_on_device = bool(kv_on_device)
+        self.check_finite = (not self.kv_on_device) if check_finite is None else check_finite
+        buffers: Buffers
+        if self.kv_on_device:
+            buffers = TorchBuffers(f"cuda:{device_id}" if on_cuda else "cpu", stream=stream)
+        else:
+            buffers = NumpyBuffers()
+            if on_cuda and self.io_binding:
+                _log.info(
+                    "%s: torch is not installed; KV caches stay on the host and are "
+                    "copied to the device and back on every run",
+                    name,
+                )
+        if "bfloat16" in (sig.kv_type, sig.logits_type) and not self.kv_on_device:
+            raise ConfigError(f"{name}: bfloat16 graphs need kv_on_device (torch buffers)")
+        if self.io_binding:
+            run_options = None
+            if stream is not None and on_cuda:
+                import onnxruntime
+
+                # ordered on the shared stream: no end-of-run host synchronisation
+                run_options = onnxruntime.RunOptions()
+                run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            self._run: PlainRunner | BoundRunner = BoundRunner(
+                session,
+                buffers,
+                run_options=run_options,
+                sync_before_run=on_cuda and self.kv_on_device and stream is None,
+            )
+        else:
+            self._run = PlainRunner(session)
+        self._buf = self._run.buffers
         self._table = HandleTable(owner=name, vocab_size=self.vocab_size, context_size=context_size)
-        self._kv: dict[Handle, KV] = {}
-        self._outputs = self.signature.output_names()
+        self._kv: dict[Handle, _KV] = {}
+        self.stats: collections.Counter[str] = collections.Counter()
 
     # -- construction ----------------------------------------------------------------
 
@@ -153,10 +271,12 @@ class OrtModel:
         vocab_size: int | None = None,
         batching: str = "auto",
         io_binding: bool | None = None,
+        kv_on_device: bool | None = None,
         threads: int | None = None,
         spinning: bool | None = None,
         max_handles: int | None = None,
         tokenizer: Tokenizer | None = None,
+        check_finite: bool | None = None,
         available: Callable[[], Sequence[str]] | None = None,
         session_factory: Callable[..., Any] | None = None,
     ) -> OrtModel:
@@ -173,12 +293,17 @@ class OrtModel:
             vocab_size: needed only when the logits width is dynamic.
             batching: one of :data:`BATCHING`.
             io_binding: force the IOBinding path on or off (default: on for CUDA).
+            kv_on_device: keep KV caches and logits in torch tensors on the device
+                (default: with the IOBinding, when torch is installed). On CUDA the
+                provider is then given a torch stream to run on (``user_compute_stream``),
+                so torch's copies and onnxruntime's kernels are ordered without host syncs.
             threads: ``intra_op_num_threads`` for the session (default: onnxruntime's).
             spinning: let idle intra-op threads busy-wait (``None``: onnxruntime's
                 default, which spins). Turn it off when cores are shared, e.g. draft
                 and target on one CPU under the threaded driver (measured below).
             max_handles: most live handles, or ``None``.
             tokenizer: a :class:`~ssd_core.Tokenizer` for text prompts, or ``None``.
+            check_finite: see the constructor.
             available: test hook replacing ``onnxruntime.get_available_providers``.
             session_factory: test hook replacing ``onnxruntime.InferenceSession``.
 
@@ -203,6 +328,18 @@ class OrtModel:
             options.add_session_config_entry(
                 "session.intra_op.allow_spinning", "1" if spinning else "0"
             )
+        stream = None
+        torch = _torch_cuda() if kv_on_device is not False and io_binding is not False else None
+        if torch is not None:
+            listed = list(available() if available is not None else _listed())
+            wanted = (
+                providers
+                if providers is not None
+                else ([p for p in PREFERENCE if p in listed] or [CPU])
+            )
+            providers, stream = with_user_stream(
+                wanted, lambda i: torch.cuda.Stream(device=torch.device("cuda", i))
+            )
         kwargs: dict[str, Any] = {"providers": providers, "session_options": options}
         if available is not None:
             kwargs["available"] = available
@@ -226,9 +363,12 @@ class OrtModel:
             context_size=context_size,
             batching=batching,
             io_binding=io_binding,
+            kv_on_device=kv_on_device,
             device_id=device_id,
+            stream=stream if choice.provider == CUDA else None,
             max_handles=max_handles,
             tokenizer=tokenizer,
+            check_finite=check_finite,
         )
 
     # -- the Model protocol ----------------------------------------------------------
@@ -242,47 +382,47 @@ class OrtModel:
         """
         self._check_handle_room()
         handle = self._table.open(tokens)
-        self._kv[handle] = self._empty_kv()
+        self._kv[handle] = _EMPTY
         return handle
 
-    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> np.ndarray:
+    def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> Any:
         """Append tokens to handles and return one raw-logits row per appended token.
 
         Args:
             requests: ``(handle, tokens)`` pairs; each handle at most once, tokens non-empty.
 
         Returns:
-            A ``float32`` (``float64`` for double graphs) array of shape
-            ``(sum(len(tokens)), vocab_size)``, rows in request order.
+            ``(sum(len(tokens)), vocab_size)`` float32 logits (float64 for double graphs),
+            rows in request order: a torch tensor on the session's device when
+            ``kv_on_device``, else a numpy array.
 
         Raises:
             HandleError: an unknown or closed handle.
             InputError: empty or out-of-vocabulary tokens, a handle twice.
-            CapacityError: a handle would exceed ``context_size``.
-            BackendContractError: the graph returned NaN/+inf or a wrong shape
-                (no handle is changed then).
+            CapacityError: a handle would exceed the context size.
+            BackendContractError: NaN/+inf logits or a wrong logits shape (no handle changes).
         """
         news = self._table.check_extend(requests)
         if not news:
-            return np.zeros((0, self.vocab_size), dtype=np.float32)
+            return self._empty_logits()
+        self.stats["calls"] += 1
         handles = [h for h, _ in requests]
         jobs = []
         for h, new in zip(handles, news, strict=True):
-            toks = self._table.tokens(h)
-            cached = self._cached(h)
-            jobs.append((toks[cached:] + new, cached, len(new), self._kv[h]))
-        if len(jobs) > 1 and self.batching == "padded":
-            results = self._run_padded(jobs)
-        else:
-            results = [self._run_one(job) for job in jobs]
-        logits = np.concatenate([r[0] for r in results], axis=0)
-        if logits.dtype not in (np.float32, np.float64):
-            logits = logits.astype(np.float32)
-        self._check_logits(logits, handles)
+            kv = self._kv[h]
+            jobs.append((self._table.tokens(h)[kv.length :] + new, len(new), kv))
+        groups = [jobs] if len(jobs) == 1 or self.batching == "padded" else [[j] for j in jobs]
+        with self._buf.scope():
+            results = [r for g in groups for r in self._run_group(g)]
+            parts = [logits for logits, _ in results if logits is not None]
+            logits = parts[0] if len(parts) == 1 else _concat(parts)
+            if self.check_finite:
+                self._check_logits(logits, handles)
         for h, new, (_, kv) in zip(handles, news, results, strict=True):
             self._table.tokens(h).extend(new)
             self._kv[h] = kv
-        return logits
+        self.stats["logits_bytes"] += self._buf.nbytes(logits)
+        return self._buf.hand_over(logits)
 
     def fork(self, handle: Handle, length: int) -> Handle:
         """A new handle holding the first ``length`` tokens of ``handle`` (zero-copy).
@@ -294,17 +434,17 @@ class OrtModel:
         self._table.check_length(handle, length)
         self._check_handle_room()
         child = self._table.fork(handle, length)
-        self._kv[child] = self._slice(self._kv[handle], length)
+        self._kv[child] = self._cut(self._kv[handle], length)
         return child
 
     def truncate(self, handle: Handle, length: int) -> None:
-        """Keep the first ``length`` tokens of ``handle``.
+        """Keep the first ``length`` tokens of ``handle`` (unmarks slots; nothing moves).
 
         Raises:
             HandleError: unknown handle or ``length`` out of range.
         """
         self._table.truncate(handle, length)
-        self._kv[handle] = self._slice(self._kv[handle], length)
+        self._kv[handle] = self._cut(self._kv[handle], length)
 
     def close(self, handle: Handle) -> None:
         """Free ``handle``.
@@ -324,7 +464,7 @@ class OrtModel:
     def cached_length(self, handle: Handle) -> int:
         """How many of the handle's tokens have their KV state computed."""
         self._table.tokens(handle)
-        return self._cached(handle)
+        return self._kv[handle].length
 
     @property
     def open_handles(self) -> int:
@@ -334,7 +474,8 @@ class OrtModel:
     def __repr__(self) -> str:
         return (
             f"OrtModel(name={self.name!r}, vocab_size={self.vocab_size}, provider={self.provider!r}, "
-            f"kv_cache={self.signature.has_cache}, batching={self.batching!r})"
+            f"kv_cache={self.signature.has_cache}, batching={self.batching!r}, "
+            f"kv_on_device={self.kv_on_device})"
         )
 
     # -- internals -------------------------------------------------------------------
@@ -343,107 +484,202 @@ class OrtModel:
         if self.max_handles is not None and len(self._table) >= self.max_handles:
             raise CapacityError(f"{self.name}: {self.max_handles} handles are already open")
 
-    def _empty_kv(self) -> KV:
-        sig = self.signature
-        if not sig.has_cache:
-            return ()
-        empty: np.ndarray = np.zeros((sig.kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype)
-        empty.setflags(write=False)
-        return (empty,) * len(sig.past_names)
-
-    def _cached(self, handle: Handle) -> int:
-        kv = self._kv[handle]
-        return int(kv[0].shape[1]) if kv else 0
+    def _empty_logits(self) -> Any:
+        kind = "double" if self.signature.logits_type == "double" else "float"
+        return self._buf.zeros((0, self.vocab_size), kind)
 
     @staticmethod
-    def _slice(kv: KV, length: int) -> KV:
-        return tuple(a[:, :length] for a in kv) if kv and kv[0].shape[1] > length else kv
+    def _cut(kv: _KV, length: int) -> _KV:
+        """The first ``length`` cached tokens of ``kv`` (marks only)."""
+        if length >= kv.length:
+            return kv
+        if length == 0:
+            return _EMPTY
+        valid = kv.valid.copy()
+        marked = np.flatnonzero(valid)
+        valid[marked[length:]] = False
+        return _KV(buf=kv.buf, row=kv.row, valid=valid, length=length)
 
-    def _feeds(
-        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Sequence[np.ndarray]
-    ) -> dict[str, np.ndarray]:
+    def _gather(self, rows: Sequence[_KV], width: int) -> tuple[list[Any], np.ndarray]:
+        """A new ``[B, H, width, D]`` past holding each row's marked slots, right-aligned."""
+        sig, buf = self.signature, self._buf
+        shape = (len(rows), sig.kv_heads, width, sig.head_dim)
+        past = [buf.zeros(shape, sig.kv_type) for _ in sig.past_names]
+        mask = np.zeros((len(rows), width), dtype=bool)
+        for b, kv in enumerate(rows):
+            if not kv.length:
+                continue
+            slots = np.flatnonzero(kv.valid)
+            mask[b, width - len(slots) :] = True
+            for dst, src in zip(past, kv.buf, strict=True):
+                buf.gather_slots(src, kv.row, slots, dst, b, width - len(slots))
+        if width:  # bytes of the marked slots copied, over every past input
+            per_slot = sum(buf.nbytes(p) // (width * len(rows)) for p in past)
+            self.stats["kv_copied_bytes"] += per_slot * int(mask.sum())
+        return past, mask
+
+    def _past(self, rows: Sequence[_KV]) -> tuple[list[Any], np.ndarray]:
+        """The past to feed for ``rows`` and its ``[B, S]`` slot mask, copying only
+        when the rows are not already one buffer (or one row of one)."""
         sig = self.signature
-        feeds: dict[str, np.ndarray] = {"input_ids": ids.astype(sig.ids_dtype, copy=False)}
-        if sig.has_mask:
-            feeds["attention_mask"] = mask.astype(sig.mask_dtype, copy=False)
-        if sig.has_positions:
-            feeds["position_ids"] = pos.astype(sig.ids_dtype, copy=False)
-        feeds.update(zip(sig.past_names, past, strict=True))
-        return feeds
+        first = rows[0]
+        exact = sig.has_mask and sig.has_positions  # the graph skips unmarked slots
 
-    def _run_one(self, job: tuple[list[int], int, int, KV]) -> tuple[np.ndarray, KV]:
-        run_toks, cached, n_new, kv = job
-        if not self.signature.has_cache:  # recompute the whole context
-            return self._run_padded([job])[0]
-        t = len(run_toks)
-        ids = np.asarray(run_toks, dtype=np.int64)[None]
-        mask = np.ones((1, cached + t), dtype=np.int64)
-        pos = np.arange(cached, cached + t, dtype=np.int64)[None]
-        out = self._run(self._feeds(ids, mask, pos, [a[None] for a in kv]), self._outputs)
-        self._check_shape(out[0], (1, t))
-        present = tuple(self._freeze(p[0]) for p in out[1:])
-        return out[0][0, t - n_new :], present
+        def slack_ok(kv: _KV) -> bool:
+            if not self.kv_on_device:  # host buffers cross to the device whole: no holes
+                return len(kv.valid) == kv.length
+            return len(kv.valid) - kv.length <= max(_SLACK, kv.length)
 
-    def _run_padded(
-        self, jobs: Sequence[tuple[list[int], int, int, KV]]
-    ) -> list[tuple[np.ndarray, KV]]:
-        sig = self.signature
-        if not sig.has_cache:  # the full context, right-padded; causal masking hides the pad
-            full = [job[0] for job in jobs]  # nothing is cached: the whole context
-            b, t = len(full), max(len(f) for f in full)
+        if len(rows) == 1:
+            if first.length and (exact or bool(first.valid.all())) and slack_ok(first):
+                self.stats["kv_zero_copy_runs"] += 1
+                return [self._buf.row(a, first.row) for a in first.buf], first.valid[None]
+        elif (
+            exact
+            and all(kv.buf is first.buf and kv.length and slack_ok(kv) for kv in rows)
+            and [kv.row for kv in rows] == list(range(len(rows)))
+            and self._buf.shape(first.buf[0])[0] == len(rows)
+        ):
+            self.stats["kv_zero_copy_runs"] += 1
+            return list(first.buf), np.stack([kv.valid for kv in rows])
+        return self._gather(rows, max(kv.length for kv in rows))
+
+    def _run_group(self, jobs: Sequence[tuple[list[int], int, _KV]]) -> list[tuple[Any, _KV]]:
+        sig, buf = self.signature, self._buf
+        self.stats["runs"] += 1
+        b = len(jobs)
+        if not sig.has_cache:  # the whole context, right-padded; causal masking hides the pad
+            full = [job[0] for job in jobs]
+            t = max(len(f) for f in full)
             ids = np.zeros((b, t), dtype=np.int64)
             mask = np.zeros((b, t), dtype=np.int64)
             for i, f in enumerate(full):
                 ids[i, : len(f)] = f
                 mask[i, : len(f)] = 1
-            pos = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t))
-            out = self._run(self._feeds(ids, mask, pos, []), self._outputs)
-            self._check_shape(out[0], (b, t))
-            return [
-                (out[0][i, len(f) - job[2] : len(f)], ())
-                for i, (f, job) in enumerate(zip(full, jobs, strict=True))
+            pos = np.tile(np.arange(t, dtype=np.int64), (b, 1))
+            out = self._call(ids, mask, pos, [], (b, t), 0)
+            index = np.concatenate(
+                [
+                    i * t + np.arange(len(f) - job[1], len(f))
+                    for i, (f, job) in enumerate(zip(full, jobs, strict=True))
+                ]
+            )
+            return self._split(out[0], index, jobs, [_EMPTY] * b)
+        rows = [job[2] for job in jobs]
+        if b == 1 and not rows[0].length:
+            past: list[Any] = [
+                buf.zeros((1, sig.kv_heads, 0, sig.head_dim), sig.kv_type) for _ in sig.past_names
             ]
-        b = len(jobs)
-        p = max(job[1] for job in jobs)
+            past_mask = np.zeros((1, 0), dtype=bool)
+        else:
+            past, past_mask = self._past(rows)
+        s = past_mask.shape[1]
         t = max(len(job[0]) for job in jobs)
         ids = np.zeros((b, t), dtype=np.int64)
-        mask = np.zeros((b, p + t), dtype=np.int64)
+        mask = np.zeros((b, s + t), dtype=np.int64)
         pos = np.zeros((b, t), dtype=np.int64)
-        past: list[np.ndarray] = [
-            np.zeros((b, sig.kv_heads, p, sig.head_dim), dtype=sig.kv_dtype) for _ in sig.past_names
+        mask[:, :s] = past_mask
+        for i, (run, _, kv) in enumerate(jobs):
+            m = len(run)
+            ids[i, :m] = run
+            mask[i, s : s + m] = 1
+            pos[i, :m] = np.arange(kv.length, kv.length + m)
+            pos[i, m:] = kv.length + m - 1
+        out = self._call(ids, mask, pos, past, (b, t), s + t)
+        present = tuple(out[1:])
+        index = np.concatenate(
+            [
+                i * t + np.arange(len(run) - n_new, len(run))
+                for i, (run, n_new, _) in enumerate(jobs)
+            ]
+        )
+        states = [
+            _KV(buf=present, row=i, valid=mask[i].astype(bool), length=kv.length + len(run))
+            for i, (run, _, kv) in enumerate(jobs)
         ]
-        for i, (run_toks, cached, _, kv) in enumerate(jobs):
-            n = len(run_toks)
-            ids[i, :n] = run_toks
-            mask[i, p - cached : p + n] = 1
-            pos[i, :n] = np.arange(cached, cached + n)
-            for buf, a in zip(past, kv, strict=True):
-                buf[i, :, p - cached :] = a
-        out = self._run(self._feeds(ids, mask, pos, past), self._outputs)
-        self._check_shape(out[0], (b, t))
-        results = []
-        for i, (run_toks, cached, n_new, _) in enumerate(jobs):
-            n = len(run_toks)
-            kv = tuple(
-                self._freeze(np.ascontiguousarray(x[i, :, p - cached : p + n])) for x in out[1:]
+        return self._split(out[0], index, jobs, states)
+
+    def _call(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        pos: np.ndarray,
+        past: Sequence[Any],
+        lead: tuple[int, int],
+        total: int,
+    ) -> list[Any]:
+        sig, buf = self.signature, self._buf
+        host = [("input_ids", ids, sig.ids_type)]
+        if sig.has_mask:
+            host.append(("attention_mask", mask, sig.mask_type))
+        if sig.has_positions:
+            host.append(("position_ids", pos, sig.ids_type))
+        feeds: list[Feed] = []
+        for name, array, kind in host:  # small uploads; int64 or int32 as the graph wants
+            dev = buf.from_host(
+                np.ascontiguousarray(array, dtype=np.int64 if kind == "int64" else np.int32)
             )
-            results.append((out[0][i, n - n_new : n], kv))
-        return results
-
-    @staticmethod
-    def _freeze(a: np.ndarray) -> np.ndarray:
-        a.setflags(write=False)
-        return a
-
-    def _check_shape(self, logits: np.ndarray, lead: tuple[int, int]) -> None:
-        if logits.ndim != 3 or logits.shape[:2] != lead or logits.shape[2] != self.vocab_size:
+            self.stats["upload_bytes"] += array.size * (8 if kind == "int64" else 4)
+            feeds.append((name, dev, kind))
+        feeds += [(n, a, sig.kv_type) for n, a in zip(sig.past_names, past, strict=True)]
+        outputs: list[Output] = [(sig.logits_name, (*lead, self.vocab_size), sig.logits_type)]
+        outputs += [
+            (n, (lead[0], sig.kv_heads, total, sig.head_dim), sig.kv_type)
+            for n in sig.present_names
+        ]
+        out = self._run(feeds, outputs)
+        shape = buf.shape(out[0])
+        if len(shape) != 3 or shape[:2] != lead or shape[2] != self.vocab_size:
             raise BackendContractError(
-                f"{self.name}: graph returned logits of shape {logits.shape}, "
+                f"{self.name}: graph returned logits of shape {shape}, "
                 f"expected {(*lead, self.vocab_size)}"
             )
+        return out
 
-    def _check_logits(self, logits: np.ndarray, handles: Sequence[Handle]) -> None:
-        if np.isnan(logits).any() or np.isposinf(logits).any():
+    def _split(
+        self, logits: Any, index: np.ndarray, jobs: Sequence[Any], states: list[_KV]
+    ) -> list[tuple[Any, _KV]]:
+        """The rows asked for, as one array per group (first job) and the new states."""
+        shape = self._buf.shape(logits)
+        every = len(index) == shape[0] * shape[1]
+        rows = self._buf.logits(logits, None if every else index)
+        out: list[tuple[Any, _KV]] = [(rows, states[0])]
+        out += [(None, st) for st in states[1:]]
+        return out
+
+    def _check_logits(self, logits: Any, handles: Sequence[Handle]) -> None:
+        bad = (
+            (np.isnan(logits).any() or np.isposinf(logits).any())
+            if isinstance(logits, np.ndarray)
+            else None
+        )
+        if bad is None:  # torch: one host read per call (the core checks again anyway)
+            import torch
+
+            bad = bool(torch.any(torch.isnan(logits) | torch.isposinf(logits)))
+        if bad:
             raise BackendContractError(
                 f"{self.name}: NaN or +inf logits for an extend of handles {list(handles)}"
             )
+
+
+def _concat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=0)
+    import torch
+
+    return torch.cat(parts, dim=0)
+
+
+def _torch_installed() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _listed() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())

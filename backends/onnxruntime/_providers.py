@@ -63,6 +63,26 @@ def _default_available() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's session-creation exceptions (they derive from ``Exception`` only)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+    except ImportError:  # a test double without onnxruntime
+        return ()
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "InvalidProtobuf",
+        "InvalidGraph",
+        "NotImplemented",
+        "RuntimeException",
+        "EPFail",
+    )
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
+
+
 def create_session(
     path: str,
     *,
@@ -91,7 +111,9 @@ def create_session(
         ``(session, ProviderChoice)``.
 
     Raises:
-        ConfigError: none of the named providers is listed by this onnxruntime build.
+        ConfigError: none of the named providers is listed by this onnxruntime build,
+            or onnxruntime cannot build the session (a kernel missing for a dtype on
+            this provider, an invalid graph).
     """
     listed = list(available())
     if providers is None:
@@ -109,7 +131,12 @@ def create_session(
             _log.info("providers %s are not listed by onnxruntime; skipping them", missing)
             wanted = [p for p, n in zip(wanted, names, strict=True) if n not in missing]
     requested = tuple(p if isinstance(p, str) else p[0] for p in wanted)
-    session = factory(path, providers=wanted, sess_options=session_options)
+    try:
+        session = factory(path, providers=wanted, sess_options=session_options)
+    except _ort_errors() as exc:  # e.g. no kernel for a bfloat16 op on this provider
+        raise ConfigError(
+            f"onnxruntime cannot run {path} on {requested}: {str(exc).strip()[:500]}"
+        ) from exc
     choice = ProviderChoice(requested=requested, active=tuple(session.get_providers()))
     if choice.fell_back:
         _log.warning(

@@ -32,6 +32,7 @@ _FLOAT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
+    "tensor(bfloat16)": None,  # no numpy type: held in torch buffers
 }
 _INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -50,7 +51,9 @@ class GraphSignature:
         present_names: the matching present output names.
         kv_heads: KV heads (static dim 1 of the past inputs).
         head_dim: head size (static dim 3 of the past inputs).
-        kv_dtype: dtype of the past inputs.
+        kv_dtype: numpy dtype of the past inputs (``None`` for bfloat16).
+        kv_type: ONNX type name of the past inputs (``"float"``, ``"float16"``, ...).
+        logits_type: ONNX type name of the logits.
     """
 
     ids_dtype: type
@@ -62,7 +65,17 @@ class GraphSignature:
     present_names: tuple[str, ...] = ()
     kv_heads: int = 0
     head_dim: int = 0
-    kv_dtype: type = np.float32
+    kv_dtype: type | None = np.float32
+    kv_type: str = "float"
+    logits_type: str = "float"
+
+    @property
+    def ids_type(self) -> str:
+        return "int64" if self.ids_dtype is np.int64 else "int32"
+
+    @property
+    def mask_type(self) -> str:
+        return "int64" if self.mask_dtype is np.int64 else "int32"
 
     @property
     def has_cache(self) -> bool:
@@ -136,6 +149,9 @@ def read_signature(session: Any) -> GraphSignature:
     if logits_name is None:
         raise ConfigError("graph has no outputs")
     logits_shape = outputs[logits_name].shape
+    logits_type = _type_name(outputs[logits_name].type)
+    if logits_type not in ("float", "float16", "double", "bfloat16"):
+        raise ConfigError(f"logits must be a float tensor, not {outputs[logits_name].type}")
     if len(logits_shape) != 3:
         raise ConfigError(f"logits output {logits_name!r} must be 3-D, got shape {logits_shape}")
     past = _layers(inputs, _PAST, "past_key_values")
@@ -150,6 +166,7 @@ def read_signature(session: Any) -> GraphSignature:
         has_positions="position_ids" in inputs,
         logits_name=logits_name,
         vocab_size=_static(logits_shape[2]),
+        logits_type=logits_type,
     )
     if not past:
         return GraphSignature(**common)  # type: ignore[arg-type]
@@ -158,9 +175,11 @@ def read_signature(session: Any) -> GraphSignature:
             f"graph has {len(past) // 2} past layers but {len(present) // 2} present layers"
         )
     first = inputs[past[0]]
-    kv_dtype = _FLOAT_TYPES.get(first.type)
-    if kv_dtype is None:
-        raise ConfigError(f"past_key_values must be float/float16/double, not {first.type}")
+    if first.type not in _FLOAT_TYPES:
+        raise ConfigError(
+            f"past_key_values must be float/float16/bfloat16/double, not {first.type}"
+        )
+    kv_dtype = _FLOAT_TYPES[first.type]
     if len(first.shape) != 4:
         raise ConfigError(
             f"past_key_values must be 4-D [batch, heads, past, head_dim], got {first.shape}"
@@ -175,4 +194,10 @@ def read_signature(session: Any) -> GraphSignature:
         kv_heads=kv_heads,
         head_dim=head_dim,
         kv_dtype=kv_dtype,
+        kv_type=_type_name(first.type),
     )
+
+
+def _type_name(onnx_type: str) -> str:
+    """``"tensor(float16)"`` -> ``"float16"``."""
+    return onnx_type.removeprefix("tensor(").removesuffix(")")

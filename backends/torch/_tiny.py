@@ -1,18 +1,19 @@
 """A tiny plain-PyTorch causal transformer: the reference for the plain-module signature.
 
-It exists for tests and as a worked example of the forward signature a plain module
-must have (see :data:`backends.torch.PLAIN_FORWARD_DOC`): pre-norm blocks, rotary-free
-learned position embeddings, multi-head attention with an explicit KV cache.
+It exists for tests and as a worked example of the pooled plain-module signature (see
+:data:`backends.torch.PLAIN_FORWARD_DOC`): pre-norm blocks, rotary-free learned position
+embeddings, multi-head attention over a cache object that stores keys and values in the
+backend's KV pool. Called with ``past=None`` or per-layer tensors it also follows the
+older dense signature (returns ``(logits, new_past)``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
-
-from ._runners import KV
 
 __all__ = ["TinyTransformer"]
 
@@ -30,14 +31,17 @@ class _Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
+        past: Any,
         mask: torch.Tensor,
+        layer: int = 0,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, d = x.shape
         hd = d // self.heads
         q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
         q, k, v = (z.view(b, t, self.heads, hd).transpose(1, 2) for z in (q, k, v))
-        if past is not None:
+        if hasattr(past, "update"):  # the backend's KV pool: store, then attend to it
+            k, v = past.update(k, v, layer)
+        elif past is not None:
             k = torch.cat([past[0], k], dim=-2)
             v = torch.cat([past[1], v], dim=-2)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
@@ -59,6 +63,9 @@ class TinyTransformer(nn.Module):
         max_positions: size of the learned position table (the context size).
         seed: weights are drawn from a generator seeded with this.
     """
+
+    #: Declares the pooled forward signature (see ``PLAIN_FORWARD_DOC``).
+    kv_pool = True
 
     def __init__(
         self,
@@ -87,13 +94,17 @@ class TinyTransformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        past: KV | None,
+        past: Any,
         attention_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, KV]:
-        """See :data:`backends.torch.PLAIN_FORWARD_DOC`."""
+    ) -> Any:
+        """See :data:`backends.torch.PLAIN_FORWARD_DOC` (both signatures)."""
+        x = self.embed(input_ids) + self.pos(positions)
+        if hasattr(past, "update"):  # pooled: the mask is complete, [1, T, S]
+            for i, block in enumerate(self.blocks):
+                x, _ = block(x, past, attention_mask, i)
+            return self.head(self.norm(x))
         b, t = input_ids.shape
         p = 0 if past is None else past[0][0].shape[-2]
-        x = self.embed(input_ids) + self.pos(positions)
         # query j (slot p + j) sees key slots <= p + j that hold real tokens
         causal = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(diagonal=p)
         mask = causal[None].expand(b, t, p + t)

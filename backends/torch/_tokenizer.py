@@ -40,7 +40,9 @@ class HFTokenizer:
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` rendered by the model's chat template, ready for the
         assistant's reply."""
-        out = self._tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
+        out = self._tok.apply_chat_template(
+            list(messages), tokenize=True, add_generation_prompt=True
+        )
         if isinstance(out, dict) or hasattr(out, "input_ids"):  # BatchEncoding in some versions
             out = out["input_ids"]
         return [int(t) for t in out]

@@ -16,14 +16,21 @@ torch.set_num_threads(1)
 VOCAB = 96
 
 
-def tiny_llama(seed: int = 0, *, vocab: int = VOCAB, layers: int = 2, scale: float = 0.3,
-               context: int = 128):
+def tiny_llama(
+    seed: int = 0, *, vocab: int = VOCAB, layers: int = 2, scale: float = 0.3, context: int = 128
+):
     """A random LlamaForCausalLM built from a config; ``scale`` sharpens its logits."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        initializer_range=scale, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        initializer_range=scale,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
@@ -33,7 +40,9 @@ def make_model(kind: str, seed: int = 0, **kw) -> TorchModel:
     """``kind`` is ``"llama"`` (Hugging Face) or ``"plain"`` (TinyTransformer)."""
     if kind == "llama":
         return TorchModel.from_module(tiny_llama(seed), **kw)
-    return TorchModel.from_module(TinyTransformer(vocab_size=VOCAB, seed=seed, max_positions=128), **kw)
+    return TorchModel.from_module(
+        TinyTransformer(vocab_size=VOCAB, seed=seed, max_positions=128), **kw
+    )
 
 
 def full_logits(model: TorchModel, tokens: list[int]):

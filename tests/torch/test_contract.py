@@ -85,7 +85,7 @@ def test_batched_equals_separate(kind, batching, th):
     assert out.shape == (sum(map(len, news)), th.VOCAB)
     row = 0
     for p, n in zip(prompts, news, strict=False):
-        ref = th.full_logits(model, p + n)[-len(n):]
+        ref = th.full_logits(model, p + n)[-len(n) :]
         assert close(out[row : row + len(n)], ref)
         row += len(n)
     # and the states left behind are right

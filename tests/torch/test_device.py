@@ -85,8 +85,9 @@ def test_registry_and_spec_loading():
 
     assert available_backends()["torch"] == "backends.torch:BACKEND"
     spec = load_backend("torch")
-    model = spec.load("tiny,vocab=50,seed=3,layers=1", {"device": "cpu", "dtype": "float32",
-                                                         "batching": "loop"})
+    model = spec.load(
+        "tiny,vocab=50,seed=3,layers=1", {"device": "cpu", "dtype": "float32", "batching": "loop"}
+    )
     assert model.vocab_size == 50 and model.batching == "loop"
     h = model.open([1, 2])
     assert model.extend([(h, [3])]).shape == (1, 50)

@@ -26,8 +26,11 @@ def _noisy_copy(net, scale: float, seed: int):
 def _pair(th, kind: str, **kw):
     from backends.torch import TinyTransformer, TorchModel
 
-    net = th.tiny_llama(0) if kind == "llama" else TinyTransformer(vocab_size=th.VOCAB, seed=0,
-                                                                    max_positions=128)
+    net = (
+        th.tiny_llama(0)
+        if kind == "llama"
+        else TinyTransformer(vocab_size=th.VOCAB, seed=0, max_positions=128)
+    )
     target = TorchModel.from_module(net, **kw)
     draft = TorchModel.from_module(_noisy_copy(net, 0.3, seed=1), **kw)
     return target, draft
@@ -38,10 +41,23 @@ def test_greedy_identity(kind, batching, th):
     target, draft = _pair(th, kind, batching=batching)
     greedy = SamplingParams(temperature=0.0)
     runs = {}
-    for mode, driver in [("ar", "sequential"), ("sd", "sequential"), ("ssd", "sequential"),
-                         ("ssd", "threaded")]:
-        res = generate(target, draft, prompts=PROMPTS, mode=mode, max_new_tokens=24,
-                       sampling=greedy, config=SSDConfig(k=4), driver=driver, seed=0)
+    for mode, driver in [
+        ("ar", "sequential"),
+        ("sd", "sequential"),
+        ("ssd", "sequential"),
+        ("ssd", "threaded"),
+    ]:
+        res = generate(
+            target,
+            draft,
+            prompts=PROMPTS,
+            mode=mode,
+            max_new_tokens=24,
+            sampling=greedy,
+            config=SSDConfig(k=4),
+            driver=driver,
+            seed=0,
+        )
         runs[(mode, driver)] = res
         assert target.open_handles == 0 and draft.open_handles == 0
     ar = runs[("ar", "sequential")].tokens
@@ -61,17 +77,41 @@ def test_greedy_identity_mixed_pair(th):
     greedy = SamplingParams(temperature=0.0)
     ar = generate(target, draft, prompts=PROMPTS, mode="ar", max_new_tokens=16, sampling=greedy)
     for mode in ("sd", "ssd"):
-        res = generate(target, draft, prompts=PROMPTS, mode=mode, max_new_tokens=16,
-                       sampling=greedy, config=SSDConfig(k=3), seed=0)
+        res = generate(
+            target,
+            draft,
+            prompts=PROMPTS,
+            mode=mode,
+            max_new_tokens=16,
+            sampling=greedy,
+            config=SSDConfig(k=3),
+            seed=0,
+        )
         assert res.tokens == ar.tokens, mode
 
 
 def test_sampling_runs_and_is_reproducible(th):
     target, draft = _pair(th, "llama")
     params = SamplingParams(temperature=1.0)
-    a = generate(target, draft, prompts=PROMPTS, mode="ssd", max_new_tokens=16,
-                 sampling=params, config=SSDConfig(k=3, fallback="neural"), seed=7)
-    b = generate(target, draft, prompts=PROMPTS, mode="ssd", max_new_tokens=16,
-                 sampling=params, config=SSDConfig(k=3, fallback="neural"), seed=7)
+    a = generate(
+        target,
+        draft,
+        prompts=PROMPTS,
+        mode="ssd",
+        max_new_tokens=16,
+        sampling=params,
+        config=SSDConfig(k=3, fallback="neural"),
+        seed=7,
+    )
+    b = generate(
+        target,
+        draft,
+        prompts=PROMPTS,
+        mode="ssd",
+        max_new_tokens=16,
+        sampling=params,
+        config=SSDConfig(k=3, fallback="neural"),
+        seed=7,
+    )
     assert a.tokens == b.tokens
     assert all(0 <= t < th.VOCAB for row in a.tokens for t in row)

@@ -28,12 +28,25 @@ class _Legacy4x(torch.nn.Module):
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=None, return_dict=None, num_logits_to_keep=0):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        return_dict=None,
+        num_logits_to_keep=0,
+    ):
         self.seen.append("past_key_values")
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, cache=past_key_values, use_cache=use_cache,
-                          logits_to_keep=num_logits_to_keep)
+        return self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=num_logits_to_keep,
+        )
 
 
 def test_legacy_keywords(th):
@@ -56,23 +69,76 @@ def test_current_keywords(th):
     assert runner._keep_kw is not None
 
 
-def test_read_cache_layouts():
-    k, v = torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4)
+def test_pool_cache_is_a_transformers_cache(th):
+    """Models that check ``isinstance(cache, Cache)`` accept the pool's cache object, and
+    its ``update`` stores keys/values in the pool and returns views of the arenas."""
+    from transformers import Cache
 
-    class Layer:
-        keys, values = k, v
+    model = TorchModel.from_module(th.tiny_llama(0))
+    h = model.open(PROMPT)
+    model.extend([(h, [1])])
+    cache_cls = model._runner._cache_cls
+    assert issubclass(cache_cls, Cache)
+    pool = model.pool
+    assert sorted(pool.keys) == [0, 1]  # one arena per layer, allocated on first write
+    k = pool.keys[0]
+    assert k.shape == (2, pool.capacity, 8)  # [kv_heads, slots, head_dim]
+    assert model.computed(h) == len(PROMPT) + 1
 
-    class New:
-        layers = [Layer(), Layer()]
 
-    class Old:
-        key_cache = [k, k]
-        value_cache = [v, v]
+def test_attention_implementations_without_arbitrary_masks_are_refused(th):
+    from ssd_core import ConfigError
 
-    class Legacy:
-        def to_legacy_cache(self):
-            return ((k, v),)
+    net = th.tiny_llama(0)
+    net.config._attn_implementation = "eager"
+    TorchModel.from_module(net)  # eager and sdpa take the pool's mask
+    try:
+        net.config._attn_implementation = "flash_attention_2"
+    except (ValueError, ImportError):
+        pytest.skip("this transformers refuses the setting without flash-attn installed")
+    with pytest.raises(ConfigError, match="sdpa"):
+        TorchModel.from_module(net)
 
-    for cache, n in ((New(), 2), (Old(), 2), (Legacy(), 1)):
-        out = HFRunner._read_cache(cache)
-        assert len(out) == n and out[0][0] is k and out[0][1] is v
+
+def test_eager_attention_gets_an_additive_mask(th):
+    net = th.tiny_llama(0)
+    ref = TorchModel.from_module(th.tiny_llama(0))
+    net.config._attn_implementation = "eager"
+    model = TorchModel.from_module(net)
+    assert not model._runner._bool_mask and ref._runner._bool_mask
+    a, b = model.open(PROMPT), ref.open(PROMPT)
+    ka, kb = model.fork(a, 3), ref.fork(b, 3)
+    out = model.extend([(a, [1, 2]), (ka, [5])])
+    assert torch.allclose(out, ref.extend([(b, [1, 2]), (kb, [5])]), atol=1e-5)
+
+
+def test_grouped_query_attention_reads_the_pool_without_expanding_it(th):
+    """With sdpa the backend switches the model to its pool-aware sdpa: same logits, and
+    the keys/values of the span are not expanded per query head (no repeat_kv copy)."""
+    from backends.torch import count_copies
+    from backends.torch._runners import POOL_SDPA
+
+    net, plain = th.tiny_llama(0), th.tiny_llama(0)
+    model = TorchModel.from_module(net)
+    assert net.config._attn_implementation == POOL_SDPA
+    plain.config._attn_implementation = "eager"
+    ref = TorchModel.from_module(plain)
+    a, b = model.open(PROMPT * 4), ref.open(PROMPT * 4)
+    model.extend([(a, [1])])
+    ref.extend([(b, [1])])
+    kids_a = [model.fork(a, 20 + i) for i in range(4)]
+    kids_b = [ref.fork(b, 20 + i) for i in range(4)]
+    with count_copies() as ours:
+        out = model.extend([(k, [9]) for k in kids_a])
+    with count_copies() as eager:
+        want = ref.extend([(k, [9]) for k in kids_b])
+    assert torch.allclose(out, want, atol=1e-5)
+    assert ours.total < eager.total  # eager's repeat_kv expands the span's K/V
+    # the model still works when called directly, with a padding mask
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with torch.inference_mode():
+        got = net(input_ids=ids, attention_mask=mask).logits
+        plain.config._attn_implementation = "sdpa"
+        exp = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[:, -1], exp[:, -1], atol=1e-5)

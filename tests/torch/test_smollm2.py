@@ -87,9 +87,17 @@ def test_matches_llama_cpp(smol, tmp_path):
     assert len(ids) >= 200
     out_file = tmp_path / "llama_logits.npy"
     proc = subprocess.run(
-        [sys.executable, "-c", _LLAMA_SCRIPT, bundled_smollm2(), str(out_file),
-         ",".join(map(str, ids))],
-        capture_output=True, timeout=600, cwd=str(Path(__file__).resolve().parents[2]),
+        [
+            sys.executable,
+            "-c",
+            _LLAMA_SCRIPT,
+            bundled_smollm2(),
+            str(out_file),
+            ",".join(map(str, ids)),
+        ],
+        capture_output=True,
+        timeout=600,
+        cwd=str(Path(__file__).resolve().parents[2]),
     )
     if proc.returncode != 0:
         pytest.skip(f"llama.cpp failed in a child process (exit code {proc.returncode})")
@@ -98,8 +106,14 @@ def test_matches_llama_cpp(smol, tmp_path):
     ours = smol.extend([(h, ids)]).numpy()
     diff = np.abs(ours - theirs)
     agree = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
-    log.warning("SmolLM2 torch vs llama.cpp over %d positions: max |dlogit| %.3f, "
-                "mean %.4f, top-1 agreement %.3f", len(ids), diff.max(), diff.mean(), agree)
+    log.warning(
+        "SmolLM2 torch vs llama.cpp over %d positions: max |dlogit| %.3f, "
+        "mean %.4f, top-1 agreement %.3f",
+        len(ids),
+        diff.max(),
+        diff.mean(),
+        agree,
+    )
     assert agree >= 0.9
 
 

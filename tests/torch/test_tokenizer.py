@@ -15,8 +15,9 @@ def _hf_tokenizer(vocab: int = 96, chat: bool = True):
     words = {f"w{i}": i for i in range(vocab - 1)} | {"[UNK]": vocab - 1}
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="[UNK]"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]",
-                                               eos_token="w2")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", eos_token="w2"
+    )
     if chat:
         tok.chat_template = "{% for m in messages %}w7 {{ m['content'] }} w8 {% endfor %}w9"
     return tok
