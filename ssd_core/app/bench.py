@@ -210,20 +210,23 @@ def check_out_dir(out: str) -> Path:
 
 
 class _Progress:
-    """Per-prompt progress on stderr: tqdm when installed, else one line per mode."""
+    """Per-prompt progress on stderr: a tqdm bar on a terminal (when tqdm is installed),
+    else one line per mode."""
 
     def __init__(self, total: int, desc: str) -> None:
-        self.desc, self.total, self.done = desc, total, 0
         self.bar: Any = None
-        try:
-            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+        tty = getattr(sys.stderr, "isatty", None)
+        if tty is not None and tty():
+            try:
+                from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-        except ImportError:
-            note(f"bench {desc}: {total} prompts ...")
+                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+                return
+            except ImportError:
+                pass
+        note(f"bench: {desc} on {total} prompt{'s' if total != 1 else ''} ...")
 
     def update(self) -> None:
-        self.done += 1
         if self.bar is not None:
             self.bar.update(1)
 

@@ -4,6 +4,7 @@ traceback) for errors and signals, and the exit codes."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -228,3 +229,51 @@ def test_user_mistakes_are_one_line_and_exit_2(argv):
     assert r.returncode == 2, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("ssd")
+
+
+# -- progress on slow steps ------------------------------------------------------------
+
+
+class Sink(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_line_for_a_slow_step():
+    from ssd_core.app.console import Progress
+
+    log = Sink(tty=False)
+    with Progress("loading target x", stream=log, delay=0.0):
+        pass
+    assert log.getvalue().startswith("ssd: loading target x ... done in ")
+    tty = Sink(tty=True)
+    with Progress("loading target x", stream=tty, delay=0.0):
+        time.sleep(0.2)  # gives the ticker a chance to draw; nothing is timed
+    assert "ssd: loading target x ... done in " in tty.getvalue()
+    assert tty.getvalue().endswith("\n")
+    quiet = Sink(tty=True)
+    with Progress("loading target x", stream=quiet, enabled=False, delay=0.0):
+        pass
+    assert quiet.getvalue() == ""
+    fast = Sink(tty=False)
+    with Progress("loading target x", stream=fast, delay=60.0):
+        pass
+    assert fast.getvalue() == ""  # a quick step leaves no line
+
+
+def test_json_runs_load_without_progress(monkeypatch, capsys):
+    seen = []
+    real = cli.load_models
+
+    def spy(*a, **k):
+        seen.append(k["quiet"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "load_models", spy)
+    assert cli.main(["generate", *REF, "-n", "2", "--json", "1"]) == 0
+    assert cli.main(["generate", *REF, "-n", "2", "1"]) == 0
+    assert seen == [True, False]
