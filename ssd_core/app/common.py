@@ -377,8 +377,8 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
         "--draft-min",
         type=int,
         metavar="N",
-        help="not supported yet, giving it is an error (default: unset): the engine always "
-        "speculates --draft-max tokens (fewer only near the token budget or the context end)",
+        help="llama.cpp's minimum speculation length: not supported yet, giving it is an "
+        "error (default: unset); the engine has no such setting (docs/cli.md)",
     )
     s.add_argument(
         "--fanout",
@@ -494,8 +494,8 @@ def config_from(args: argparse.Namespace) -> SSDConfig:
     """
     if getattr(args, "draft_min", None) is not None:
         raise ConfigError(
-            "--draft-min is not supported yet: the engine always speculates --draft-max "
-            "tokens per round (fewer only near the token budget or the context end)"
+            "--draft-min is not supported yet: the engine has no minimum speculation length "
+            "to set (SSDConfig has only the maximum, --draft-max)"
         )
     return SSDConfig(k=args.k, fanout=args.fanout, saguaro_c=args.saguaro_c, fallback=args.fallback)
 

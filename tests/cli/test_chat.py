@@ -163,3 +163,33 @@ def test_history_of_ids():
         s.prompt_for("hello")
     with pytest.raises(ConfigError, match="--system needs a chat template"):
         ChatSession(ReferenceModel.random(vocab_size=64, order=2, seed=1), system="hi")
+
+
+class CharTokenizer:
+    eos_token_ids = (0,)
+
+    def encode(self, text, *, add_special_tokens=True):
+        return [ord(c) % 64 or 1 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(t) for t in ids)
+
+
+class Texted(ReferenceModel):
+    """A reference model with a tokenizer but no chat template."""
+
+    @property
+    def tokenizer(self):
+        return CharTokenizer()
+
+
+def test_history_as_a_transcript_without_a_template():
+    target = ReferenceModel.random(vocab_size=64, order=2, seed=1)
+    target.__class__ = Texted
+    s = ChatSession(target)
+    assert s.kind == "text"
+    tok = CharTokenizer()
+    p = s.prompt_for("ab")
+    assert p == tok.encode("ab\n")
+    s.commit("ab", p, _reply([3], text="cd"))
+    assert s.prompt_for("ef") == tok.encode("ab\ncd\nef\n")
