@@ -179,3 +179,5 @@ def test_stop_escapes():
 
     args = parse("generate", "--stop", r"\n\n", "--stop", r"a\\nb", "--stop", r"\x", "1")
     assert sampling_from(args).stop == ("\n\n", "a\\nb", "\\x")
+    assert sampling_from(args).ignore_eos is False
+    assert sampling_from(parse("generate", "--ignore-eos", "1")).ignore_eos is True
