@@ -1,4 +1,4 @@
-"""The ``ssd`` command on the reference backend."""
+"""The ``ssd`` command on the reference backend (more in ``tests/cli/``)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_greedy_modes_agree_through_the_cli(capsys):
         ),
         (["generate", "--backend", "reference", "hello"], "token ids"),
         (
-            ["generate", "--backend", "reference", "--target", "reference:colour=3"],
+            ["generate", "--backend", "reference", "--target", "reference:colour=3", "1"],
             "unknown reference spec key",
         ),
     ],
