@@ -211,7 +211,9 @@ def task_identity(args: argparse.Namespace) -> int:
                 )
                 same += diverge is None
                 per_prompt[pid] = {"prompt_tokens": len(toks), "first_divergence": diverge}
-        rows.append({"config": label, "identical": same, "prompts": len(prompts), "per_prompt": per_prompt})
+        rows.append(
+            {"config": label, "identical": same, "prompts": len(prompts), "per_prompt": per_prompt}
+        )
         logger.info(
             "%-40s identical on %d of %d prompts; diverging: %s", label, same, len(prompts),
             {k: v["first_divergence"] for k, v in per_prompt.items() if v["first_divergence"] is not None},
@@ -296,9 +298,17 @@ def task_overhead(args: argparse.Namespace) -> int:
                 break
         return count
 
-    results: dict[str, list[tuple[float, float]]] = {"backend extend": [], "engine AR": [], "llama-cpp-python": []}
-    loops = {"backend extend": backend_loop, "engine AR": engine_loop, "llama-cpp-python": llama_loop}
-    for name, fn in loops.items():  # warm-up
+    results: dict[str, list[tuple[float, float]]] = {
+        "backend extend": [],
+        "engine AR": [],
+        "llama-cpp-python": [],
+    }
+    loops = {
+        "backend extend": backend_loop,
+        "engine AR": engine_loop,
+        "llama-cpp-python": llama_loop,
+    }
+    for fn in loops.values():  # warm-up
         _outside(fn)
     for _ in range(args.repeats):
         for name, fn in loops.items():
@@ -354,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-ctx", type=int, default=1024)
-    parser.add_argument("--prompt", default=None, help=f"overhead / llama-cpp-python prompt (default {DEFAULT_PROMPT!r})")
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help=f"overhead / llama-cpp-python prompt (default {DEFAULT_PROMPT!r})",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use the first N bundled prompts")
     parser.add_argument("--repeats", type=int, default=5, help="overhead: interleaved repeats")
     parser.add_argument(

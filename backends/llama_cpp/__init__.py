@@ -76,11 +76,9 @@ def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
     """
     prompts = default_prompts()
     if model is not None:
-        tok = model.tokenizer
         for p in prompts:
             if p["chat"]:
-                text = tok.apply_chat_template([{"role": "user", "content": p["text"]}])
-                p["tokens"] = tok.encode(text, add_special_tokens=False)
+                p["tokens"] = model.apply_chat_template([{"role": "user", "content": p["text"]}])
             else:
-                p["tokens"] = tok.encode(p["text"])
+                p["tokens"] = model.tokenizer.encode(p["text"])
     return prompts
