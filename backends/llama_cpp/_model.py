@@ -245,8 +245,9 @@ class LlamaCppModel:
         opts = self.options
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = opts.kv_cells_for(slots)
-        cparams.n_batch = opts.ubatch
-        cparams.n_ubatch = opts.ubatch
+        # llama.cpp asserts n_batch >= n_seq_max (its output buffer holds a row per
+        # sequence); the compute buffers are sized for n_ubatch tokens.
+        cparams.n_batch = cparams.n_ubatch = max(opts.ubatch, slots)
         cparams.n_seq_max = slots
         cparams.n_threads = opts.n_threads
         cparams.n_threads_batch = opts.n_threads

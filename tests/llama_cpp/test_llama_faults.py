@@ -280,3 +280,15 @@ def test_ssd_with_a_growing_draft_equals_ar(tiny_gguf: Path) -> None:
             target, ngram, prompts=prompts * 2, mode="ssd", max_new_tokens=8, sampling=GREEDY
         )
         assert target.slots == 4
+
+
+def test_growth_past_the_decode_chunk(tiny_gguf: Path) -> None:
+    # llama.cpp asserts (aborts the process) if a context has more sequences than its
+    # batch size; 64 slots exceed the 63-token decode chunk.
+    with from_gguf(tiny_gguf, n_threads=1, n_ctx=32, n_seq_max=64) as m:
+        hs = [m.open([1, 2, 3]) for _ in range(64)]
+        assert m.slots == 64
+        rows = m.extend([(h, [4]) for h in hs])
+        assert rows.shape == (64, 324) and (rows == rows[0]).all()
+        for h in hs:
+            m.close(h)
