@@ -46,6 +46,14 @@ class Batch:
         self.struct.seq_id = ctypes.cast(self._seq_rows, ctypes.POINTER(seq_t))  # type: ignore[assignment]
         self.struct.logits = _ptr(self.logits, ctypes.c_int8)
 
+    def set_one(self, token: int, pos: int, seq: int, *, want_logits: bool) -> None:
+        """Load one row (the hot path of plain decoding)."""
+        self.token[0] = token
+        self.pos[0] = pos
+        self.seq[0] = seq
+        self.logits[0] = want_logits
+        self.struct.n_tokens = 1
+
     def fill(
         self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, *, want_logits: bool
     ) -> None:
@@ -58,12 +66,22 @@ class Batch:
         self.struct.n_tokens = n
 
 
+def _logits_address() -> Any:
+    # ``llama_get_logits`` with an integer result: llama-cpp-python's binding returns a
+    # ctypes pointer object, which costs a cast per call. A separate function object,
+    # so llama-cpp-python's own binding is left as it is.
+    lib = llama_cpp.llama_cpp._lib
+    return ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("llama_get_logits", lib))
+
+
 class LogitsView:
     """Reads the rows of llama.cpp's logits buffer after a decode.
 
     The buffer is ``rows x vocab`` float32 at an address that changes only when
     llama.cpp reallocates it; the numpy view over it is rebuilt only then.
     """
+
+    _address = staticmethod(_logits_address())
 
     def __init__(self, vocab_size: int, max_rows: int) -> None:
         self._vocab = vocab_size
@@ -74,11 +92,11 @@ class LogitsView:
     def rows(self, ctx: Any, n: int) -> np.ndarray:
         """A view of the first ``n`` logits rows of the last decode (copy it before the
         next decode overwrites it)."""
-        ptr = llama_cpp.llama_get_logits(ctx)
-        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        addr = self._address(ctx)
         if not addr:
             return np.empty((0, self._vocab), dtype=np.float32)
         if addr != self._addr or self._view is None:
+            ptr = ctypes.cast(ctypes.c_void_p(addr), ctypes.POINTER(ctypes.c_float))
             self._view = np.ctypeslib.as_array(ptr, shape=(self._rows, self._vocab))
             self._addr = addr
         return self._view[:n]

@@ -172,6 +172,7 @@ class LlamaCppModel:
         )
         self.vocab_size = self.tokenizer.vocab_size
         self._logits_view = LogitsView(self.vocab_size, chunk)
+        self._no_rows = np.empty((0, self.vocab_size), dtype=np.float32)
         self.context_size: int | None = options.n_ctx
         self._table = HandleTable(
             owner=self.name, vocab_size=self.vocab_size, context_size=options.n_ctx
@@ -532,48 +533,59 @@ class LlamaCppModel:
 
     # -- decoding ---------------------------------------------------------------------
 
+    def _check_rc(self, rc: int, n: int) -> None:
+        if rc == 1:
+            raise CapacityError(
+                f"{self.name}: no free KV cells ({self.options.kv_cells_for(self._slots)} "
+                f"in all, layout {'unified' if self.options.unified else 'per_sequence'});"
+                " raise kv_size or close handles"
+            )
+        if rc != 0:
+            raise BackendContractError(f"{self.name}: llama_decode returned {rc} for {n} tokens")
+
     def _decode(
         self, work: Sequence[tuple[int, int, Sequence[int]]], *, want_logits: bool, chunk: int
     ) -> np.ndarray:
         """Decode ``(seq, first position, tokens)`` items in chunks of at most ``chunk``
         tokens; roll every item back to its first position on failure."""
-        if len(work) == 1:
-            seq0, pos0, toks0 = work[0]
-            tokens = np.asarray(toks0, dtype=np.int32)
-            pos = np.arange(pos0, pos0 + len(tokens), dtype=np.int32)
-            seqs = np.full(len(tokens), seq0, dtype=np.int32)
-        else:
-            lengths = [len(t) for _, _, t in work]
-            tokens = np.fromiter((t for _, _, ts in work for t in ts), np.int32, sum(lengths))
-            pos = np.concatenate([np.arange(p, p + len(t), dtype=np.int32) for _, p, t in work])
-            seqs = np.repeat(np.array([s for s, _, _ in work], dtype=np.int32), lengths)
-        n = len(tokens)
-        out = np.empty((n if want_logits else 0, self.vocab_size), dtype=np.float32)
         ctx, batch, view = self._native.ctx, self._batch, self._logits_view
         assert view is not None
-        try:
-            for start in range(0, n, chunk):
-                end = min(n, start + chunk)
-                batch.fill(
-                    tokens[start:end], pos[start:end], seqs[start:end], want_logits=want_logits
-                )
-                rc = llama_cpp.llama_decode(ctx, batch.struct)
-                if rc == 1:
-                    raise CapacityError(
-                        f"{self.name}: no free KV cells ({self.options.kv_cells_for(self._slots)} "
-                        f"in all, layout {'unified' if self.options.unified else 'per_sequence'});"
-                        " raise kv_size or close handles"
+        if len(work) == 1 and len(work[0][2]) == 1:  # one token: plain decoding's hot path
+            seq0, pos0, toks0 = work[0]
+            n = 1
+            try:
+                batch.set_one(toks0[0], pos0, seq0, want_logits=want_logits)
+                self._check_rc(llama_cpp.llama_decode(ctx, batch.struct), 1)
+                out = view.rows(ctx, 1).copy() if want_logits else self._no_rows
+            except BaseException:
+                llama_cpp.llama_memory_seq_rm(self._mem, seq0, pos0, -1)
+                raise
+        else:
+            if len(work) == 1:
+                seq0, pos0, toks0 = work[0]
+                tokens = np.asarray(toks0, dtype=np.int32)
+                pos = np.arange(pos0, pos0 + len(tokens), dtype=np.int32)
+                seqs = np.full(len(tokens), seq0, dtype=np.int32)
+            else:
+                lengths = [len(t) for _, _, t in work]
+                tokens = np.fromiter((t for _, _, ts in work for t in ts), np.int32, sum(lengths))
+                pos = np.concatenate([np.arange(p, p + len(t), dtype=np.int32) for _, p, t in work])
+                seqs = np.repeat(np.array([s for s, _, _ in work], dtype=np.int32), lengths)
+            n = len(tokens)
+            out = np.empty((n if want_logits else 0, self.vocab_size), dtype=np.float32)
+            try:
+                for start in range(0, n, chunk):
+                    end = min(n, start + chunk)
+                    batch.fill(
+                        tokens[start:end], pos[start:end], seqs[start:end], want_logits=want_logits
                     )
-                if rc != 0:
-                    raise BackendContractError(
-                        f"{self.name}: llama_decode returned {rc} for {end - start} tokens"
-                    )
-                if want_logits:
-                    out[start:end] = view.rows(ctx, end - start)
-        except BaseException:
-            for seq, p, _ in work:
-                llama_cpp.llama_memory_seq_rm(self._mem, seq, p, -1)
-            raise
+                    self._check_rc(llama_cpp.llama_decode(ctx, batch.struct), end - start)
+                    if want_logits:
+                        out[start:end] = view.rows(ctx, end - start)
+            except BaseException:
+                for seq, p, _ in work:
+                    llama_cpp.llama_memory_seq_rm(self._mem, seq, p, -1)
+                raise
         if want_logits and n:
             top = out.max()  # NaN anywhere makes it NaN; +inf anywhere makes it +inf
             if np.isnan(top) or top == np.inf:
