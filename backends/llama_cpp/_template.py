@@ -9,7 +9,8 @@ sandbox (no attribute tricks, no mutation of lists and dicts), and on top of it:
   after ``timeout_s`` instead of running for ever;
 * **size guards**: ``*``, ``**``, ``+``, ``%`` and ``~`` are intercepted and refused
   before they would build a string, list or int beyond ``max_chars``; so are integer
-  arguments beyond ``max_chars`` to any call or filter (``center(10**10)``), format
+  arguments beyond ``max_chars`` to the str methods and filters that widen their
+  result by them (``center(10**10)``, ``indent``, ``tojson(indent=...)``), format
   widths beyond it, and ``replace`` calls whose result would exceed it; the output is
   consumed in chunks and stops at ``max_chars``.
 
@@ -48,10 +49,30 @@ class ChatTemplateError(ConfigError):
 
 #: The largest integer (in bits) a template may build; chat templates count messages.
 _MAX_INT_BITS = 4096
+#: str methods and filters whose integer arguments set the size of their result.
+_WIDENING_STR_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_WIDENING_FILTERS = frozenset({"center", "indent", "tojson"})
 
 
-def _digits_too_big(fmt: str, limit: int) -> bool:
-    return any(len(d) > 9 or int(d) > limit for d in re.findall(r"\d+", fmt))
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\d*)(?:\.(\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
+_NESTED_FIELD = re.compile(r"\{[^{}]*\{")
+
+
+def _too_big(digits: str, limit: int) -> bool:
+    return bool(digits) and (len(digits) > 9 or int(digits) > limit)
+
+
+def _percent_too_wide(fmt: str, limit: int) -> bool:
+    """A ``%`` conversion in ``fmt`` with a width or precision beyond ``limit``."""
+    return any(_too_big(d, limit) for m in _PERCENT_SPEC.finditer(fmt) for d in m.groups("") if d)
+
+
+def _braces_too_wide(fmt: str, limit: int) -> bool:
+    """A ``{...:spec}`` field in ``fmt`` whose spec holds a number beyond ``limit``."""
+    return any(
+        _too_big(d, limit) for spec in _BRACE_SPEC.findall(fmt) for d in re.findall(r"\d+", spec)
+    )
 
 
 def _size(value: Any) -> int | None:
@@ -115,24 +136,39 @@ def _make_env(owner: str, max_chars: int) -> Any:
                 if a is not None and b is not None and a + b > max_chars:
                     raise refuse("a concatenation that long")
             elif operator == "%" and isinstance(left, str):
-                if _digits_too_big(left, max_chars):
+                if _percent_too_wide(left, max_chars):
                     raise refuse("a %-format width that large")
-                args = right if isinstance(right, tuple) else (right,)
-                check_ints(args, {})
+                if "*" in left:  # widths taken from the arguments
+                    check_ints(right if isinstance(right, tuple) else (right,), {})
             return super().call_binop(context, operator, left, right)
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-            check_ints(args, kwargs)
             target = getattr(__obj, "__wrapped__", __obj)
-            if getattr(target, "__name__", "") == "replace" and len(args) >= 2:
-                check_replace(getattr(target, "__self__", None), args[0], args[1])
+            name = getattr(target, "__name__", "")
+            if isinstance(getattr(target, "__self__", None), str):
+                if name in _WIDENING_STR_METHODS:
+                    check_ints(args, kwargs)
+                elif name == "replace" and len(args) >= 2:
+                    check_replace(target.__self__, args[0], args[1])
             return super().call(__context, __obj, *args, **kwargs)
 
         def wrap_str_format(self, value: Any) -> Any:
-            owner_str = getattr(value, "__self__", None)
-            if isinstance(owner_str, str) and _digits_too_big(owner_str, max_chars):
+            # Called for every attribute a template reads; returns a wrapper only for
+            # str.format / str.format_map, which is where widths are checked.
+            wrapped = super().wrap_str_format(value)
+            if wrapped is None:
+                return None
+            fmt = value.__self__
+            if _braces_too_wide(fmt, max_chars):
                 raise refuse("a format width that large")
-            return super().wrap_str_format(value)
+            if not _NESTED_FIELD.search(fmt):
+                return wrapped
+
+            def nested(*args: Any, **kwargs: Any) -> Any:  # widths from the arguments
+                check_ints(args, kwargs)
+                return wrapped(*args, **kwargs)
+
+            return nested
 
         def guarded_concat(self, parts: Sequence[Any]) -> str:
             texts = [str(p) for p in parts]
@@ -143,14 +179,17 @@ def _make_env(owner: str, max_chars: int) -> Any:
     def guard_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)  # keeps jinja's pass_context/pass_eval_context marks
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            check_ints(args, kwargs)
+            if name in _WIDENING_FILTERS:
+                check_ints(args, kwargs)
             if name == "replace":
                 plain = [a for a in args if not hasattr(a, "environment")]  # drop eval ctx
                 if len(plain) >= 3:
                     check_replace(plain[0], plain[1], plain[2])
-            is_fmt = name == "format" and args and isinstance(args[0], str)
-            if is_fmt and _digits_too_big(args[0], max_chars):
-                raise refuse("a format width that large")
+            if name == "format" and args and isinstance(args[0], str):
+                if _percent_too_wide(args[0], max_chars):
+                    raise refuse("a format width that large")
+                if "*" in args[0]:  # widths taken from the arguments
+                    check_ints(args[1:], kwargs)
             return fn(*args, **kwargs)
 
         return guarded

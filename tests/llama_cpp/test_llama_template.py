@@ -36,6 +36,10 @@ BOMBS = {
     "format width": "{{ '{:>10000000000}'.format(1) }}",
     "percent width": "{{ '%10000000000s' % 'x' }}",
     "format filter width": "{{ '%10000000000s' | format('x') }}",
+    "star width": "{{ '%*d' % (10**10, 1) }}",
+    "star width filter": "{{ '%*d' | format(10**10, 1) }}",
+    "tojson indent": "{{ messages | tojson(indent=10**9) }}",
+    "nested format width": "{{ '{:{}}'.format(1, 10**10) }}",
     "replace filter": "{{ ('x' * 1000000) | replace('', 'yyyyyyyyyy') }}",
     "replace method": "{{ ('x' * 1000000).replace('', 'yyyyyyyyyy') }}",
     "integer power": "{{ 2 ** (2 ** 40) }}",
@@ -167,3 +171,22 @@ def test_template_that_splits_content(tmp_path: Path) -> None:
         assert m.apply_chat_template(USER)[0] == IM_START  # benign: fine
         with pytest.raises(ChatTemplateError, match="rewrites message content"):
             m.apply_chat_template([{"role": "user", "content": FORGED}])
+
+
+def test_big_numbers_in_text_are_not_format_widths(tmp_path: Path) -> None:
+    # Only str.format/% of a string with a huge number is refused; a message holding
+    # long digit runs can still be split, stripped, or formatted into the prompt.
+    template = TINY_CHAT_TEMPLATE.replace(
+        "message['content']", "message['content'].split('|')[-1].strip()"
+    )
+    with tiny_with_template(tmp_path, template) as m:
+        msgs = [{"role": "user", "content": "order 12345678901234 and 99999999"}]
+        text = m.tokenizer.apply_chat_template(msgs)
+        assert "12345678901234" in text
+        assert m.apply_chat_template(msgs)[0] == IM_START
+    r = TemplateRenderer("{{ '{} is {}'.format(m, 12345678901234) }}", owner="t")
+    assert r.render(m="x") == "x is 12345678901234"
+    r = TemplateRenderer(
+        "{{ '%s %d' % (m, 12345678901234) }} {{ '%d' | format(10**12) }}", owner="t"
+    )
+    assert r.render(m="x") == "x 12345678901234 1000000000000"
