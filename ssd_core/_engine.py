@@ -38,7 +38,7 @@ from typing import Any
 import attrs
 
 from ._config import MODES, SamplingParams, SSDConfig, check_int, check_seed, stop_ids_for
-from ._drivers import DRIVERS, SimulatedClock, WorkerExecutor, call
+from ._drivers import DRIVERS, SimulatedClock, WorkerExecutor, call, run_job
 from ._errors import (
     ConfigError,
     EngineClosedError,
@@ -361,6 +361,16 @@ def _context(model: Any, role: str) -> int | None:
     if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
         raise ConfigError(f"the {role} model's context_size must be an int >= 1 or None, got {c!r}")
     return c
+
+
+#: A model whose declared cost per call is below this (seconds) runs on the engine's
+#: thread under the threaded driver.
+_INLINE_S = 5e-4
+
+
+def _cheap(model: Any) -> bool:
+    latency = getattr(model, "latency", None)
+    return latency is not None and latency.per_call + latency.per_token < _INLINE_S
 
 
 def _timeout(name: str, value: Any) -> float | None:
@@ -875,8 +885,19 @@ class Engine:
         workers: dict[int, WorkerExecutor] = {}
         self._workers = workers
         by_lane: dict[Lane, WorkerExecutor] = {}
+        # A draft that declares itself nearly free (the n-gram draft) runs on this
+        # thread: a worker's two hand-offs per job would cost more than its work.
+        inline = {
+            lane
+            for lane in lanes
+            if lane is Lane.DRAFT
+            and self._models[lane] is not self._models[Lane.TARGET]
+            and _cheap(self._models[lane])
+        }
         for lane in lanes:
             model = self._models[lane]
+            if lane in inline:
+                continue
             if id(model) not in workers:
                 workers[id(model)] = WorkerExecutor(model, self._wake, f"ssd-{lane.value}")
             by_lane[lane] = workers[id(model)]
@@ -887,7 +908,11 @@ class Engine:
             if msg is None:
                 if self._done_when_idle() and not running:
                     return
+                ran = False
                 for lane in lanes:
+                    if lane in inline:
+                        ran = self._run_inline(lane) or ran
+                        continue
                     ex = by_lane[lane]
                     if lane in running or ex.busy or ex.abandoned or lane in self._stuck:
                         continue
@@ -896,6 +921,8 @@ class Engine:
                     if job is not None:
                         running[lane] = job
                         ex.submit(job, lane)
+                if ran:
+                    continue  # an inline job may have made more work: look again first
                 if not running:
                     if not m.idle:
                         raise InternalError(f"the machine is stuck with nothing to do: {m.state}")
@@ -926,6 +953,26 @@ class Engine:
             with self._lock:
                 m.complete(job)
                 self._publish()
+
+    def _run_inline(self, lane: Lane) -> bool:
+        """Run ``lane``'s next job on this thread, if it has one (one at a time, so
+        messages -- a cancel, a new request -- are seen between jobs); whether one ran."""
+        m = self._machine
+        if lane in self._stuck:
+            return False
+        with self._lock:
+            job = m.next_job(lane)
+        if job is None:
+            return False
+        try:
+            run_job(self._models[lane], job)
+        except Exception as exc:
+            self._lane_fault(lane, exc)
+            return True
+        with self._lock:
+            m.complete(job)
+            self._publish()
+        return True
 
     def _until_deadline(
         self, running: dict[Lane, Job], by_lane: dict[Lane, WorkerExecutor]

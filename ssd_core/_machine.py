@@ -111,6 +111,7 @@ from ._protocol import Handle
 from ._random import RandomSource, Stream
 from ._requests import Lane, Request
 from ._sequence import (
+    FAST_CONFIDENCE,
     NO_SPECULATION,
     SEQUENCE_TRANSITIONS,
     DraftHandle,
@@ -120,7 +121,7 @@ from ._sequence import (
     Speculation,
     Stage,
     TargetHandle,
-    fast_backup_tokens,
+    fast_backup,
 )
 
 log = logging.getLogger("ssd_core")
@@ -670,7 +671,7 @@ class Machine:
                     (st.accepted, st.proposed, tuple(st.ranks)) for st in s.stats.values()
                 )
             if self.config.adaptive and self.k:
-                seq_part += (s.calib.state(),)
+                seq_part += (s.calib.state(), s.calib_fast.state())
             parts.append(seq_part)
         for lane in Lane:
             parts.append(tuple(type(j).__name__ for j in self._jobs_of(lane)))
@@ -820,10 +821,10 @@ class Machine:
         self._queues[Lane.TARGET].append(verify)
         tree = None
         if self.mode == "ssd" and self.state is MachineState.RUNNING:
+            # An empty speculation (a plain target step) still gets a tree: the draft's
+            # guesses at the bonus token, so the next speculation needs no stall.
             inputs = [
-                t
-                for t in (self._tree_input(s) for s in members if s.spec and s.spec.tokens)
-                if t is not None
+                t for t in (self._tree_input(s) for s in members if s.speculates) if t is not None
             ]
             if inputs:
                 tree = TreeJob(self._ctx, inputs)
@@ -833,12 +834,15 @@ class Machine:
         )
 
     def _tree_input(self, s: Seq) -> TreeInput | None:
-        assert s.spec is not None
-        if s.draft is None:
+        if s.draft is None or s.spec is None:
             return None
         n = len(s.spec.tokens)
-        plan = self._fanout_for(s, s.spec.source, n)
         steps = tuple(self._spec_len(s, extra=k + 1) for k in range(n + 1))
+        if not any(steps):
+            return None
+        plan = self._fanout_for(s, s.spec.source, n, steps=max(steps))
+        if not any(plan):
+            return None
         return TreeInput(
             sid=s.sid,
             stream=s.stream,
@@ -973,7 +977,7 @@ class Machine:
         self.counters.cache_lookups += 1
         after = "primary" if spec.source == "cache" else "backup"
         _bump(c, self.counters, f"lookups_after_{after}")
-        hit = self._ctx.ops.lookup(branches, s.sid, o) if len(spec.tokens) else None
+        hit = self._ctx.ops.lookup(branches, s.sid, o)
         if hit is not None:
             if not hit.complete:
                 raise InternalError("a cached branch was used before it was complete")
@@ -999,7 +1003,8 @@ class Machine:
         if not o.proposed:
             return
         if spec.conf:
-            s.calib.observe(spec.conf, o.accepted, o.proposed)
+            calib = s.calib_fast if spec.source == "fast" else s.calib
+            calib.observe(spec.conf, o.accepted, o.proposed)
         if spec.source in self._tokens_by_source:
             self._tokens_by_source[spec.source].append(o.accepted + 1)
         rank = tree.rank(s.sid, spec, o) if tree is not None else None
@@ -1016,8 +1021,13 @@ class Machine:
             if kind == "neural":
                 self._jit_or_step(s)
             else:
-                toks = fast_backup_tokens(s.tokens, self._spec_len(s))
-                s.spec = Speculation(tokens=toks, q=None, source="fast")
+                toks, matched = fast_backup(s.tokens, self._spec_len(s))
+                conf = (FAST_CONFIDENCE[min(matched, len(FAST_CONFIDENCE) - 1)],) * len(toks)
+                s.spec = Speculation(tokens=toks, q=None, source="fast", conf=conf)
+                if self.config.adaptive:
+                    table = s.calib_fast.table()
+                    keep = keep_length(predict_from(table, conf), self.cost, drafting=False)
+                    s.spec = s.spec.truncated(keep)
                 self._move(s, SeqEvent.SPECULATED)
 
     def _commit(self, s: Seq, tokens: Sequence[int]) -> None:
@@ -1144,8 +1154,11 @@ class Machine:
         """Whether just-in-time drafting could pay for ``s`` at all."""
         return not self.config.adaptive or worth_drafting(self.cost)
 
-    def _fanout_for(self, s: Seq, source: str, n: int) -> tuple[int, ...]:
-        """F_0..F_n for a tree predicting the outcome of an n-token speculation."""
+    def _fanout_for(
+        self, s: Seq, source: str, n: int, *, steps: int | None = None
+    ) -> tuple[int, ...]:
+        """F_0..F_n for a tree predicting the outcome of an n-token speculation whose
+        branches decode ``steps`` tokens (default n)."""
         backup = source != "cache"
         value = self.config.fanout
         if backup and self.config.fanout_after_backup is not None:
@@ -1156,8 +1169,8 @@ class Machine:
         if self.config.adaptive:  # the budget is a cap; Thm 7 picks what pays
             r = stats.power_law_r
             hit = hit_curve(stats.ranks, r)
-            value = choose_budget(stats.accept_rate, hit, r, n, self.cost, value)
-        return stats.plan(value, n)
+            value = choose_budget(stats.accept_rate, hit, r, n, self.cost, value, steps=steps)
+        return stats.plan(value, n) if n else (value,)
 
     def _saguaro_fan(self, s: Seq, *, backup: bool, length: int) -> tuple[int, ...]:
         """The F used to down-weight draft tokens under Saguaro sampling: the fan-out

@@ -54,6 +54,8 @@ __all__ = [
 #: Confidence bins of the calibration table (upper edges).
 BIN_EDGES = (0.05, 0.2, 0.4, 0.6, 0.8, 0.9, 0.97, 1.0)
 _PRIOR_WEIGHT = 1.0
+#: The share of a tree's own time that counts against it in :func:`choose_budget`.
+_TREE_WORK = 0.1
 
 
 def _bin(conf: float) -> int:
@@ -242,7 +244,14 @@ def hit_curve(ranks: Sequence[int], r: float) -> Callable[[int], float]:
 
 
 def choose_budget(
-    alpha: float, hit: Callable[[int], float], r: float, n: int, cost: CostModel, most: int
+    alpha: float,
+    hit: Callable[[int], float],
+    r: float,
+    n: int,
+    cost: CostModel,
+    most: int,
+    *,
+    steps: int | None = None,
 ) -> int:
     """The fan-out budget (at most ``most``) that makes an SSD round fastest for an
     ``n``-token speculation, by Saguaro's Theorem 7 with Theorem 12's allocation.
@@ -253,23 +262,28 @@ def choose_budget(
     over the outcomes "k accepted" (probability ``alpha^k (1 - alpha)``, ``alpha^n`` for
     all), the hit rate ``hit(F_k)`` of the fan-out the geometric rule (with exponent
     ``r``) gives that position. The expected tokens per round do not depend on B, so the
-    best budget is the one with the shortest expected round.
+    best budget is the one with the shortest expected round; a tenth of the tree's own
+    time is charged too (it occupies the draft's device, and on a shared CPU a core), so
+    a tree whose only gain is to hide a nearly free backup is not built. ``steps`` is how many
+    tokens a branch decodes (default ``n``; an empty speculation, n = 0, still caches
+    the draft's guesses at the bonus token, each with ``steps`` tokens).
     """
     from ._fanout import geometric_fanout
 
-    if most <= 0 or n <= 0:
+    m = n if steps is None else steps
+    if most <= 0 or m <= 0:
         return 0
     verify = cost.verify_call + cost.verify_row * (n + 1)
-    backup = n * cost.draft_step
+    backup = m * cost.draft_step
     glue = cost.draft_call + cost.draft_row * (n + 1)
     a = min(max(alpha, 0.0), 1.0)
     outcome = [a**k * (1.0 - a) for k in range(n)] + [a**n]
     best, best_time = 0, verify + backup
     for b in range(1, most + 1):
-        plan = geometric_fanout(b, n, a, r)
+        plan = geometric_fanout(b, n, a, r) if n else (b,)
         p_hit = sum(w * hit(f) for w, f in zip(outcome, plan))
-        tree = glue + n * cost.draft_call + cost.draft_row * n * b
-        time = max(verify, tree) + (1.0 - p_hit) * backup
+        tree = glue + m * cost.draft_call + cost.draft_row * m * b
+        time = max(verify, tree) + (1.0 - p_hit) * backup + _TREE_WORK * tree
         if time < best_time - 1e-12:
             best, best_time = b, time
     return best

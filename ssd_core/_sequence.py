@@ -30,6 +30,8 @@ __all__ = [
     "Speculation",
     "Stage",
     "TargetHandle",
+    "FAST_CONFIDENCE",
+    "fast_backup",
     "fast_backup_tokens",
 ]
 
@@ -178,6 +180,9 @@ class Seq:
     speculates: bool
     stats: dict[str, OutcomeStats]
     calib: Calibration = attrs.field(factory=Calibration)
+    #: The same for fast (n-gram backup) speculations, whose confidence stands in for
+    #: the length of the n-gram they copied.
+    calib_fast: Calibration = attrs.field(factory=Calibration)
     stage: Stage = Stage.OPENING
     finish_reason: str | None = None
     spec: Speculation | None = None
@@ -206,11 +211,22 @@ def fast_backup_tokens(context: Sequence[int], k: int, max_n: int = 3) -> tuple[
 
     A deterministic function of the context, so it is a point-mass proposal.
     """
+    return fast_backup(context, k, max_n)[0]
+
+
+#: A fast speculation's stand-in for the draft's confidence, by the length of the
+#: n-gram it copied (0: no match, the last token repeated); the speculation-length
+#: policy calibrates it per sequence like a draft's confidence.
+FAST_CONFIDENCE = (0.01, 0.5, 0.9, 0.99)
+
+
+def fast_backup(context: Sequence[int], k: int, max_n: int = 3) -> tuple[tuple[int, ...], int]:
+    """:func:`fast_backup_tokens` and the length of the n-gram it matched (0: none)."""
     ctx = list(context)
     for n in range(min(max_n, len(ctx) - 1), 0, -1):
         tail = ctx[-n:]
         for start in range(len(ctx) - n - 1, -1, -1):
             if ctx[start : start + n] == tail:
                 follow = ctx[start + n : start + n + k]
-                return tuple(follow + [follow[-1]] * (k - len(follow)))
-    return (ctx[-1],) * k
+                return tuple(follow + [follow[-1]] * (k - len(follow))), n
+    return (ctx[-1],) * k, 0

@@ -45,7 +45,14 @@ def _load(args: str, options: Mapping[str, Any]) -> Model:
     With ``options["role"] == "draft"`` the defaults change to ``batch_invariant=False``
     (one unified KV pool: forks share prefix cells; a draft's logits need not be
     history-independent, the core records the q it used) and ``n_seq_max=64`` (room for
-    the speculation tree's branches)."""
+    the speculation tree's branches). A target keeps per-sequence KV streams and starts
+    with one sequence slot, growing up to ``n_seq_max`` as handles open; pass ``n_seq``
+    (e.g. the number of prompts) to allocate them at once.
+
+    Options worth exposing on a command line: ``flash_attn`` (``off`` reproduces
+    llama-cpp-python's default greedy tokens), ``n_seq_max``/``n_seq``, ``verbose``
+    (llama.cpp's own log), ``allow_special`` (parse control-token text in user text),
+    ``n_batch``, ``extra_bufts``."""
     path = resolve_model_path(args)
     if options.get("role") == "draft":
         options = {"batch_invariant": False, "n_seq_max": 64, **options}
@@ -76,13 +83,11 @@ def bundled_prompts(model: LlamaCppModel | None = None) -> list[dict[str, Any]]:
     """
     prompts = default_prompts()
     if model is not None:
-        tok = model.tokenizer
         for p in prompts:
             if p["chat"]:
-                text = tok.apply_chat_template([{"role": "user", "content": p["text"]}])
-                p["tokens"] = tok.encode(text, add_special_tokens=False)
+                p["tokens"] = model.apply_chat_template([{"role": "user", "content": p["text"]}])
             else:
-                p["tokens"] = tok.encode(p["text"])
+                p["tokens"] = model.tokenizer.encode(p["text"])
     return prompts
 
 

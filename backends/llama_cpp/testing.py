@@ -86,6 +86,7 @@ def write_tiny_llama_gguf(
     seed: int = 0,
     weight_scale: float = 1.0,
     quantized: bool = True,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
 ) -> Path:
     """Write a tiny random llama-architecture GGUF that llama.cpp loads.
 
@@ -102,6 +103,8 @@ def write_tiny_llama_gguf(
         quantized: store the matrices as Q8_0 (like real quantised GGUFs, whose
             logits are batch-invariant in llama.cpp) instead of float32 (whose logits
             change with the batch size).
+        chat_template: the ``tokenizer.chat_template`` metadata (ChatML by default;
+            ``None`` writes none). Tests pass hostile templates here.
 
     Returns:
         The path written. The vocabulary has 324 tokens: ``<unk>`` 0, BOS 1, EOS 2,
@@ -151,7 +154,8 @@ def write_tiny_llama_gguf(
     writer.add_eot_token_id(4)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(TINY_CHAT_TEMPLATE)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     add_matrix("token_embd.weight", w(vocab, d_model, scale=1.0))
     writer.add_tensor("output_norm.weight", np.ones(d_model, dtype=np.float32))

@@ -103,13 +103,6 @@ CLI_DEFAULTS: dict[str, tuple[Any, str]] = {
         "generate() runs sequentially because a one-call library function should not "
         "start threads; the tokens are the same under every driver",
     ),
-    "fallback": (
-        "auto",
-        "on a cache miss, choose per round between the draft and n-gram backup tokens "
-        "from measured times (Saguaro Thm 17): the faster choice on a real machine; "
-        "SSDConfig() defaults to neural because auto makes sampled (temperature > 0) "
-        "tokens depend on timing; greedy tokens never do",
-    ),
 }
 
 

@@ -61,3 +61,13 @@ def test_context_size_stops_with_length(tiny_gguf: Path) -> None:
             assert res.finish_reasons == ["length"]
             assert 8 <= len(res.tokens[0]) <= 24 + 1 - 16
         assert target.open_handles == 0
+
+
+def test_greedy_identity_with_flash_attention_off(tiny_gguf: Path) -> None:
+    # flash_attn=off prefills prompts in one batch (llama-cpp-python's way) and decodes
+    # everything else one token at a time; every mode opens the prompt the same way.
+    with from_gguf(tiny_gguf, n_threads=1, n_ctx=256, flash_attn="off") as target:
+        assert target.options.prefill_chunk == 512
+        draft = NgramModel(vocab_size=target.vocab_size, max_n=3)
+        out = run_modes(target, draft)
+        assert out["ar"] == out["sd"] == out["ssd"]

@@ -30,15 +30,21 @@ def test_chat_template_from_gguf(tiny: LlamaCppModel) -> None:
     tok = tiny.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert ids[0] == 3 and 4 in ids  # special tokens parsed to their ids
+    ids = tok.encode(text, add_special_tokens=False, parse_special=True)
+    assert ids[0] == 3 and 4 in ids  # special tokens parsed to their ids when asked
+    plain = tok.encode(text, add_special_tokens=False)
+    assert 3 not in plain and 4 not in plain  # by default text stays text
 
 
 def test_options_validation() -> None:
     assert LlamaOptions().batch_invariant
     assert LlamaOptions().decode_chunk == 63
     assert not LlamaOptions().unified and LlamaOptions(batch_invariant=False).unified
-    assert LlamaOptions(n_ctx=100, n_seq_max=3).kv_cells == 300
+    # per_sequence: one slot at load (256 cells: llama.cpp pads streams), 3 at most.
+    assert LlamaOptions(n_ctx=100, n_seq_max=3).kv_cells == 256
+    assert LlamaOptions(n_ctx=300, n_seq_max=3).max_kv_cells == 3 * 512
+    assert LlamaOptions(n_ctx=300, n_seq_max=3, n_seq=2).kv_cells == 2 * 512
+    assert LlamaOptions(batch_invariant=False, n_seq_max=3).initial_slots == 3
     assert LlamaOptions(flash_attn="off").decode_chunk == 1
     assert LlamaOptions(batch_invariant=False).decode_chunk == 512
     assert LlamaOptions.from_mapping({"threads": 3, "context_size": 99, "device": "x"}).n_ctx == 99
@@ -74,7 +80,7 @@ def test_registry_loads_by_spec(tiny_gguf: Path) -> None:
 def test_model_level_chat_template_gives_ids(tiny: LlamaCppModel) -> None:
     ids = tiny.apply_chat_template([{"role": "user", "content": "hi"}])
     text = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert ids == tiny.tokenizer.encode(text, add_special_tokens=False)
+    assert ids == tiny.tokenizer.encode(text, add_special_tokens=False, parse_special=True)
     assert ids[0] == 3
 
 
@@ -88,3 +94,29 @@ def test_draft_role_defaults(tiny_gguf: Path) -> None:
     finally:
         draft.free()  # type: ignore[attr-defined]
         target.free()  # type: ignore[attr-defined]
+
+
+def test_new_options_validation() -> None:
+    assert LlamaOptions().prefill_chunk == 63  # flash attention auto: the decode chunk
+    assert LlamaOptions(flash_attn="off").prefill_chunk == 512  # one batch, as Llama(...)
+    assert LlamaOptions(flash_attn="off", prefill_batch=8).prefill_chunk == 8
+    assert LlamaOptions().ubatch == 63 and LlamaOptions(flash_attn="off").ubatch == 512
+    assert LlamaOptions(allow_special="yes").allow_special
+    with pytest.raises(ConfigError):
+        LlamaOptions(allow_special="maybe")
+    with pytest.raises(ConfigError):
+        LlamaOptions(n_seq=0)
+
+
+def test_registry_passes_the_new_options(tiny_gguf: Path) -> None:
+    spec = load_backend("llama_cpp")
+    model = spec.load(
+        str(tiny_gguf),
+        {"role": "target", "threads": 1, "n_ctx": 64, "n_seq": 2, "flash_attn": "off",
+         "allow_special": "yes", "device": "cpu"},
+    )  # fmt: skip
+    try:
+        assert model.slots == 2 and model.options.flash_attn == "off"  # type: ignore[attr-defined]
+        assert 3 in model.tokenizer.encode("<|im_start|>")  # type: ignore[union-attr]
+    finally:
+        model.free()  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ def test_serve_flags_and_their_defaults():
     assert (args.temperature, args.fallback, args.seed) == (1.0, "neural", None)
     assert args.api_key is None and args.served_model_name is None
     gen = build_parser().parse_args(["generate", "--backend", "reference"])
-    assert (gen.temperature, gen.fallback, gen.seed) == (0.0, "auto", 0)  # generate unchanged
+    assert (gen.temperature, gen.fallback, gen.seed) == (0.0, "neural", 0)  # generate unchanged
 
 
 def _cap_memory() -> None:
