@@ -100,6 +100,7 @@ LARGE_MODES = {
     "ssd-fast": ("ssd", SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="fast")),
 }
 LARGE_ALPHA = bonferroni(1e-4, len(LARGE_MODES))
+LARGE_SAMPLES = 48_000 if DEEP else 8_000
 
 
 @pytest.mark.slow  # ~10-30 s each at n = 8000 (vocab 1000, first 2 tokens, 1e6 cells)
@@ -116,7 +117,7 @@ def test_vocab_1000_first_tokens_match_target(mode: str) -> None:
         mode=run_mode,
         config=config,
         m=2,
-        samples=SAMPLES,
+        samples=LARGE_SAMPLES,
         seed=7000 + sorted(LARGE_MODES).index(mode),
         alpha=LARGE_ALPHA,
         effect_tv=EFFECT_TV,

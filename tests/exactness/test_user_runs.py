@@ -19,13 +19,13 @@ from ssd_core import Metrics
 from ._runs import (
     ALPHA,
     DEFAULT_ENGINES,
-    EARLY,
     EFFECT_TV,
     ENGINES,
     MAX_BINS,
     PAIR_SAMPLES,
     PAIRS,
     PAIRS_POSITION,
+    PAIRS_VOCAB,
     REPORT,
     SAMPLES,
     SLOW_ALPHA,
@@ -41,11 +41,8 @@ from ._runs import (
 def test_stated_power() -> None:
     """Sample sizes give power >= 0.9 per test at the stated effect (df <= 15)."""
     assert stated_power(SAMPLES, ALPHA, EFFECT_TV) >= 0.9
-    assert stated_power(PAIR_SAMPLES, ALPHA, EFFECT_TV, df=PAIRS_VOCAB_CELLS - 1) >= 0.9
+    assert stated_power(PAIR_SAMPLES, ALPHA, EFFECT_TV, df=PAIRS_VOCAB**2 - 1) >= 0.9
     assert stated_power(SLOW_SAMPLES, SLOW_ALPHA, SLOW_EFFECT_TV) >= 0.9
-
-
-PAIRS_VOCAB_CELLS = 9  # (token of a, token of b) at PAIRS_POSITION on a vocabulary of 3
 
 
 def _check_metrics(name: str, m: Metrics) -> None:
@@ -54,7 +51,8 @@ def _check_metrics(name: str, m: Metrics) -> None:
     if name == "users":
         assert m.cache_hits > 0 and m.fallbacks.get("neural", 0) > 0
     elif name == "auto":
-        # Both fallbacks were chosen: auto really switched.
+        # Both fallbacks were chosen: auto really switched (about 3 fast : 1 neural
+        # when measured; the choice follows real times, so the mix varies run to run).
         assert m.fallbacks.get("neural", 0) > 0 and m.fallbacks.get("fast", 0) > 0
     elif name == "context":
         assert m.cache_hits > 0 and m.fallbacks.get("fast", 0) > 0
@@ -130,6 +128,3 @@ def test_user_runs_match_target_slow(name: str) -> None:
     assert len(results) == 2 * len(case.populations)
     bad = [f"{k}: {r.summary()}" for k, r in results.items() if r.rejected]
     assert not bad, "\n".join(bad)
-
-
-__all__ = ["EARLY", "pair_test"]
