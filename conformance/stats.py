@@ -603,8 +603,9 @@ def sample_outputs(
         max_batch=max_batch,
     ) as engine:
         handles: list[tuple[int, RequestHandle]] = []
-        for lo in range(0, len(order), max_batch):
-            chunk = order[lo : lo + max_batch]
+        step = max(1, min(max_batch, engine.capacity))  # the models' handle limits too
+        for lo in range(0, len(order), step):
+            chunk = order[lo : lo + step]
             hs = engine.submit_many(
                 [list(requests[i][0]) for i in chunk],
                 sampling=[requests[i][1] for i in chunk],
