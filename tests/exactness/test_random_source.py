@@ -18,6 +18,7 @@ assumes the draws independent), so what it proves says nothing about the source.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,6 @@ from conformance.exact import compare_exact
 from conformance.stats import bonferroni, draw_pairs_test, power_lower_bound
 from ssd_core import (
     InternalError,
-    LatencyModel,
     RandomStream,
     SamplingParams,
     SeededSource,
@@ -159,24 +159,40 @@ V = 6
 UT = ReferenceModel.random(vocab_size=V, order=2, seed=41, peakedness=1.5)
 
 
-def _draft(slow: bool) -> ReferenceModel:
-    """A draft whose calls cost 4 times the target's: the verification returns while
-    the tree is still decoding, so trees are pruned (simulated: modelled time;
-    threaded: real sleeps of a millisecond)."""
-    if not slow:
-        return ReferenceModel.perturbed(UT, divergence=0.7)
-    return ReferenceModel.perturbed(
-        UT, divergence=0.7, latency=LatencyModel(per_call=0.001), sleep=True
-    )
+class SlowDraft:
+    """A draft that sleeps a millisecond in every ``extend`` and declares no latency
+    model: the verification returns while the tree is still decoding, so trees are
+    pruned (threaded: real time; simulated: the measured time it is charged), while
+    a cost-aware speculation policy still sees a cheap draft and speculates."""
+
+    def __init__(self, inner: ReferenceModel, delay: float = 0.001) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.name = "slow-draft"
+        self.vocab_size = inner.vocab_size
+        self.context_size = inner.context_size
+        self.tokenizer = None
+
+    def open(self, tokens: Sequence[int]) -> Any:
+        return self.inner.open(tokens)
+
+    def extend(self, requests: Sequence[tuple[Any, Sequence[int]]]) -> Any:
+        time.sleep(self.delay)
+        return self.inner.extend(requests)
+
+    def fork(self, handle: Any, length: int) -> Any:
+        return self.inner.fork(handle, length)
+
+    def truncate(self, handle: Any, length: int) -> None:
+        self.inner.truncate(handle, length)
+
+    def close(self, handle: Any) -> None:
+        self.inner.close(handle)
 
 
-def _target(slow_draft: bool) -> ReferenceModel:
-    if not slow_draft:
-        return UT
-    return ReferenceModel.random(
-        vocab_size=V, order=2, seed=41, peakedness=1.5,
-        latency=LatencyModel(per_call=0.00025), sleep=True,
-    )  # fmt: skip
+def _draft(slow: bool) -> Any:
+    draft = ReferenceModel.perturbed(UT, divergence=0.7)
+    return SlowDraft(draft) if slow else draft
 
 
 UNIQUE_CONFIGS: dict[str, tuple[str, SSDConfig]] = {
@@ -199,7 +215,7 @@ def _unique_run(mode: str, config: SSDConfig, driver: str, seed: int) -> Countin
         SamplingParams(temperature=0.0),
     ]
     res = generate(
-        _target(slow),
+        UT,
         _draft(slow) if mode != "ar" else None,
         prompts=[[1, 2], [3], [4, 5, 1], [2, 2]] * 3,
         mode=mode,
