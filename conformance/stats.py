@@ -25,17 +25,31 @@ from typing import Any
 import attrs
 import numpy as np
 
-from ssd_core import RandomSource, SamplingParams, SeededSource, SSDConfig, generate
+from ssd_core import (
+    Engine,
+    Metrics,
+    RandomSource,
+    RequestHandle,
+    SamplingParams,
+    SeededSource,
+    SSDConfig,
+    generate,
+)
 
-from .exact import LogitsFn, processed_probs
+from .exact import LogitsFn, _stops, processed_probs
 
 __all__ = [
     "GTestResult",
+    "draw_pairs_test",
     "exact_prefix_distribution",
+    "exact_run_distribution",
     "g_test",
     "make_bins",
+    "output_probability",
     "power_lower_bound",
     "required_samples",
+    "run_statistic",
+    "sample_outputs",
     "sample_prefixes",
     "statistical_lossless_test",
 ]
@@ -393,3 +407,262 @@ def statistical_lossless_test(
 def bonferroni(family_alpha: float, family_size: int) -> float:
     """Per-test level giving family-wise false alarm <= ``family_alpha``."""
     return family_alpha / max(family_size, 1)
+
+
+# -- whole runs: late positions, lengths, mixed batches --------------------------------
+
+
+def run_statistic(
+    tokens: Sequence[int], positions: Sequence[int], *, with_length: bool = False
+) -> Any:
+    """The statistic :func:`exact_run_distribution` gives the law of, for one output.
+
+    Args:
+        tokens: the generated tokens of one run.
+        positions: 0-based positions of the generated tokens to keep (a run that ended
+            earlier keeps only those it has).
+        with_length: pair them with the number of generated tokens.
+
+    Returns:
+        ``tokens at positions`` (a tuple), or ``(that tuple, length)``.
+    """
+    window = tuple(int(tokens[i]) for i in positions if i < len(tokens))
+    return (window, len(tokens)) if with_length else window
+
+
+def exact_run_distribution(
+    fn: LogitsFn,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    *,
+    max_new: int,
+    order: int,
+    positions: Sequence[int],
+    with_length: bool = False,
+) -> dict[Any, float]:
+    """The exact law of :func:`run_statistic` under autoregressive sampling from the
+    processed target, by dynamic programming over the target's Markov state.
+
+    Exact for a target whose logits depend only on the last ``order`` tokens of the
+    context (a :class:`~backends.reference.ReferenceModel` of that order): the state
+    after each step is the context's last ``max(order, longest stop sequence)`` tokens
+    and the tokens recorded so far, so late positions of long runs cost
+    ``O(max_new * V^(order + len(positions)) * V)`` instead of ``V^max_new``. The same
+    stop rules as :func:`~conformance.exact.target_distribution` (stop ids and stop
+    sequences, kept in the output; the budget ``max_new`` -- pass the context limit
+    into it when the target's context is what ends the run).
+
+    Args:
+        fn: the target's logits function.
+        prompt: the prompt (at least ``order`` tokens keeps the state exact from the start).
+        params: sampling parameters (processing and stops; tokenizer EOS is not
+            consulted: pass stop ids explicitly, see :func:`effective_params`).
+        max_new: the generation budget.
+        order: the target's Markov order.
+        positions: the 0-based generated positions the statistic keeps.
+        with_length: include the run's length in the statistic.
+
+    Returns:
+        statistic -> probability (zero-probability outcomes left out).
+    """
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    keep = frozenset(int(i) for i in positions)
+    tail_len = max([order, *(len(seq) for seq in params.stop_sequences)])
+    rows: dict[tuple[int, ...], np.ndarray] = {}
+    live: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {
+        (tuple(int(t) for t in prompt)[-tail_len:], ()): 1.0
+    }
+    out: dict[Any, float] = {}
+
+    def emit(rec: tuple[int, ...], length: int, prob: float) -> None:
+        key = (rec, length) if with_length else rec
+        out[key] = out.get(key, 0.0) + prob
+
+    for step in range(max_new):
+        nxt: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+        for (tail, rec), prob in live.items():
+            p = rows.get(tail)
+            if p is None:
+                p = rows[tail] = processed_probs(fn(tail), params)
+            for t in map(int, np.flatnonzero(p > 0)):
+                pt = prob * float(p[t])
+                rec2 = rec + (t,) if step in keep else rec
+                ctx = tail + (t,)
+                if _stops(ctx, step + 1, params):
+                    emit(rec2, step + 1, pt)
+                else:
+                    key = (ctx[-tail_len:], rec2)
+                    nxt[key] = nxt.get(key, 0.0) + pt
+        live = nxt
+    for (_tail, rec), prob in live.items():
+        emit(rec, max_new, prob)
+    return out
+
+
+def output_probability(
+    fn: LogitsFn,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    tokens: Sequence[int],
+    *,
+    max_new: int,
+) -> float:
+    """The probability that autoregressive sampling from the processed target
+    generates exactly ``tokens`` (and then ends): 0 for an impossible output --
+    a token outside the processed support, a run that goes on past a stop, or one
+    that ends early without a stop.
+
+    Args:
+        fn: the target's logits function (called with the whole context).
+        prompt, params: as for :func:`exact_prefix_distribution`.
+        tokens: the generated tokens.
+        max_new: the generation budget (context limit included).
+    """
+    ctx = tuple(int(t) for t in prompt)
+    prob = 1.0
+    for i, t in enumerate(int(x) for x in tokens):
+        p = processed_probs(fn(ctx), params)
+        if not 0 <= t < p.shape[0] or p[t] <= 0.0:
+            return 0.0
+        prob *= float(p[t])
+        ctx = ctx + (t,)
+        if _stops(ctx, i + 1, params):
+            return prob if i + 1 == len(tokens) else 0.0
+    return prob if len(tokens) == max_new else 0.0
+
+
+def sample_outputs(
+    make_target: Callable[[], Any],
+    make_draft: Callable[[], Any] | None,
+    requests: Sequence[tuple[Sequence[int], SamplingParams]],
+    *,
+    repeats: int | Sequence[int],
+    max_new_tokens: int,
+    mode: str,
+    config: SSDConfig | None,
+    seed: int,
+    driver: str = "threaded",
+    max_batch: int = 256,
+    wrap_source: Callable[[RandomSource], RandomSource] | None = None,
+    check_unique: bool = True,
+    on_draft_error: str = "raise",
+    on_metrics: Callable[[Metrics], None] | None = None,
+) -> list[list[tuple[int, ...]]]:
+    """``repeats`` independent outputs of every request, from one running
+    :class:`~ssd_core.Engine` -- mixed batches, requests joining as others leave, the
+    real seeded random source.
+
+    The requests are submitted interleaved (request 0, 1, ..., then again), in chunks
+    of at most ``max_batch``; the engine runs ``max_batch`` at a time and admits the
+    next as one finishes, so every batch mixes every request's parameters. Every draw
+    comes from one ``SeededSource(seed, check_unique=...)`` (each request its own
+    stream), so a repeated draw name raises instead of silently correlating two draws;
+    a draft-lane fault raises (``on_draft_error="raise"``) instead of degrading to
+    target-only, which would hide it.
+
+    Args:
+        make_target / make_draft: model factories (called once each).
+        requests: ``(prompt, params)`` pairs.
+        repeats: outputs per request (one count for all, or one per request; a
+            request with fewer repeats is spread evenly among the others).
+        max_new_tokens: the budget of every request.
+        mode, config, driver: as for the :class:`~ssd_core.Engine`.
+        seed: the source's seed.
+        max_batch: requests generating at once.
+        wrap_source: optional wrapper around the source (negative controls).
+        check_unique: turn on the source's repeated-name check.
+        on_draft_error: as for the engine.
+        on_metrics: called with the engine's :class:`~ssd_core.Metrics` at the end
+            (e.g. to check which fallbacks ``"auto"`` chose).
+
+    Returns:
+        For each request, its ``repeats`` outputs (generated tokens).
+    """
+    target = make_target()
+    draft = make_draft() if make_draft is not None and mode != "ar" else None
+    src: RandomSource = SeededSource(seed, check_unique=check_unique)
+    if wrap_source is not None:
+        src = wrap_source(src)
+    counts = [repeats] * len(requests) if isinstance(repeats, int) else list(repeats)
+    if len(counts) != len(requests):
+        raise ValueError(f"{len(counts)} repeat counts for {len(requests)} requests")
+    # Interleave: request i's j-th copy sits at (j + 1/2) / counts[i] of the way along.
+    order = [
+        i for _, i in sorted(((j + 0.5) / c, i) for i, c in enumerate(counts) for j in range(c))
+    ]
+    outputs: list[list[tuple[int, ...]]] = [[] for _ in requests]
+    with Engine(
+        target,
+        draft,
+        mode=mode,
+        config=config,
+        driver=driver,
+        source=src,
+        on_draft_error=on_draft_error,
+        max_batch=max_batch,
+    ) as engine:
+        handles: list[tuple[int, RequestHandle]] = []
+        step = max(1, min(max_batch, engine.capacity))  # the models' handle limits too
+        for lo in range(0, len(order), step):
+            chunk = order[lo : lo + step]
+            hs = engine.submit_many(
+                [list(requests[i][0]) for i in chunk],
+                sampling=[requests[i][1] for i in chunk],
+                max_new_tokens=max_new_tokens,
+            )
+            handles.extend(zip(chunk, hs, strict=True))
+        for i, h in handles:
+            outputs[i].append(tuple(h.result().tokens))
+        if on_metrics is not None:
+            on_metrics(engine.metrics())
+    return outputs
+
+
+def draw_pairs_test(
+    source: RandomSource,
+    pairs: Sequence[tuple[Any, Any]],
+    *,
+    categories: int = 8,
+    alpha: float,
+    effect_tv: float = 0.05,
+    kind: str = "categorical",
+) -> GTestResult:
+    """G-test that two draws with distinct names are independent and uniform.
+
+    Each pair of keys is drawn once through the source's public interface: a
+    categorical draw over ``categories`` equally weighted outcomes (or, with
+    ``kind="bernoulli"``, a fair coin, ``categories`` = 2) per key. Under a correct
+    source the pair is uniform on ``categories ** 2`` cells; a source that correlates
+    related names (or reuses one uniform for both) is not.
+
+    Args:
+        source: the random source (a fresh one: every key is drawn once).
+        pairs: ``(key_a, key_b)`` pairs, all keys distinct.
+        categories: outcomes per draw.
+        alpha: the per-test level.
+        effect_tv: the TV the stated power refers to.
+        kind: ``"categorical"`` or ``"bernoulli"``.
+
+    Returns:
+        The :class:`GTestResult` over the ``categories ** 2`` cells.
+    """
+    if kind == "bernoulli":
+        categories = 2
+        a = source.bernoulli([k for k, _ in pairs], [0.5] * len(pairs))
+        b = source.bernoulli([k for _, k in pairs], [0.5] * len(pairs))
+        xa, xb = [int(x) for x in a], [int(x) for x in b]
+    elif kind == "categorical":
+        w = np.ones((len(pairs), categories))
+        xa = source.categorical([k for k, _ in pairs], w)
+        xb = source.categorical([k for _, k in pairs], w)
+    else:
+        raise ValueError(f"kind must be 'categorical' or 'bernoulli', got {kind!r}")
+    counts: dict[Any, int] = {}
+    for u, v in zip(xa, xb, strict=True):
+        counts[(u, v)] = counts.get((u, v), 0) + 1
+    cell = 1.0 / (categories * categories)
+    probs = {(u, v): cell for u in range(categories) for v in range(categories)}
+    return g_test(
+        counts, probs, alpha=alpha, effect_tv=effect_tv, max_bins=categories * categories + 1
+    )

@@ -96,8 +96,10 @@ def _column(xp: Any, x: Array, k: Array) -> Array:
 
 
 def _kth_largest(xp: Any, z: Array, ks: Sequence[int]) -> Array:
-    """The ``ks[r]``-th largest value of row ``r`` (``ks[r] >= 1``)."""
+    """The ``ks[r]``-th largest value of row ``r`` (``ks[r] >= 1``; a ``k`` beyond the
+    row's length means its smallest value: a fan-out may exceed the vocabulary)."""
     n, v = z.shape
+    ks = [min(k, v) for k in ks]
     if compat.is_numpy_namespace(xp):
         out = np.empty(n)
         zz = np.asarray(z)
@@ -302,8 +304,9 @@ def _draft_weights_numpy(
 
 
 def _kth_largest_row(row: np.ndarray, k: int) -> float:
-    """The k-th largest entry of a numpy row; partitions only the near-top entries when
-    there are enough of them."""
+    """The k-th largest entry of a numpy row (its smallest when ``k`` exceeds its length);
+    partitions only the near-top entries when there are enough of them."""
+    k = min(k, row.shape[0])
     top = row.max()
     near = row
     for width in (0.5, 2.0, 8.0):

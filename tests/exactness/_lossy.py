@@ -16,6 +16,13 @@ private module. Each reproduces a known trap (docs/exactness.md, section 4):
 * ``cache_any_k`` -- a cache lookup ignores k: any cached branch whose token is t* is
   served (a speculation built for a different k, i.e. a different context).
 * ``cache_any_sequence`` -- a cache lookup ignores which sequence built the branch.
+* ``shared_accept_uniform`` -- all accept tests of a sequence's round compare their
+  probabilities with one uniform (a source wrapper over the seeded source). Each test
+  alone is still right; together they are correlated, which is lossy. The exact
+  enumeration replaces the seeded source, so it cannot express this variant at all
+  (the wrapper passes the enumerating source through unchanged): only tests that
+  run the real source -- the draw-independence test and the Monte-Carlo G-tests --
+  can catch it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ VARIANTS = (
     "top_p_first_position_only",
     "cache_any_k",
     "cache_any_sequence",
+    "shared_accept_uniform",
 )
 
 EXACT = MathOps()
@@ -55,6 +63,34 @@ class GreedyDraftSource:
         if keys and keys[0][0] in ("tree", "neural"):
             w = to_numpy(weights)
             return [int(np.argmax(r)) for r in w]
+        return self.inner.categorical(keys, weights)
+
+
+class SharedAcceptUniform:
+    """Wraps a seeded source: every accept test ``("accept", stream, round, i)`` uses
+    the uniform of ``("accept", stream, round, 0)``. A source without uniforms (the
+    enumerating one) is passed through unchanged."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._shared: dict[Any, float] = {}
+
+    def _u(self, key: Any) -> float:
+        group = tuple(key[:3])
+        if group not in self._shared:
+            self._shared[group] = self.inner.uniform(group + (0,))
+        return self._shared[group]
+
+    def bernoulli(self, keys: Any, probs: Any) -> list[bool]:
+        if not hasattr(self.inner, "uniform"):
+            return self.inner.bernoulli(keys, probs)
+        out = []
+        for k, p in zip(keys, probs, strict=True):
+            u = self._u(k) if k[0] == "accept" else self.inner.uniform(k)
+            out.append(u < p)
+        return out
+
+    def categorical(self, keys: Any, weights: Any) -> list[int]:
         return self.inner.categorical(keys, weights)
 
 
@@ -118,7 +154,7 @@ def lossy_ops(variant: str) -> MathOps | None:
 
         return attrs.evolve(EXACT, lookup=lookup)
 
-    if variant == "greedy_draft_softmax_q":
+    if variant in SOURCE_WRAPPERS:
         return None
     raise ValueError(variant)
 
@@ -129,7 +165,14 @@ def install(variant: str) -> Iterator[Callable[[Any], Any] | None]:
     ``None``."""
     ops = lossy_ops(variant)
     if ops is None:
-        yield GreedyDraftSource
+        yield SOURCE_WRAPPERS[variant]
         return
     with using_ops(ops):
         yield None
+
+
+#: The variants that are source wrappers rather than MathOps.
+SOURCE_WRAPPERS: dict[str, Callable[[Any], Any]] = {
+    "greedy_draft_softmax_q": GreedyDraftSource,
+    "shared_accept_uniform": SharedAcceptUniform,
+}

@@ -8,8 +8,10 @@ autoregressive distribution (computed independently of ssd_core). Pass: max |dif
 
 What is proven here: exactness of complete runs of up to 2-3 new tokens (several
 verification rounds at K=1, the first round and a cache hit/miss/fallback at K=2-3)
-on vocabularies 2-6. Longer runs follow from the two lemmas tested in
-test_lemmas.py and are checked statistically in test_statistical.py.
+on vocabularies 2-6, for the draws as the enumerating source makes them (independent,
+with the probabilities the machine asks for; the seeded source itself is tested in
+test_random_source.py). Longer runs are not proven: they are checked statistically
+(test_statistical.py, test_user_runs.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@
      next (cache hit or fast fallback) is distributed exactly as a fresh sample from
      the q it carries: checked at every round boundary of the enumeration
      (ExactDistribution.speculation_max_dev), including full-tree (draft-first) runs.
-Exactness of a whole run follows by induction over rounds; whole runs are also checked
-statistically (test_statistical.py).
+On paper, (i) and (ii) give exactness of a whole run by induction over rounds; but
+(ii) is *checked* only at the round boundaries these small enumerations reach
+(vocab <= 6, a few tokens), so the induction is not a test. Whole runs beyond that are
+checked statistically (test_statistical.py, test_user_runs.py).
 
 Also here: the enumeration asserts that cache hits and misses are each reached with
 nonzero probability where the configuration claims so.
