@@ -558,14 +558,17 @@ def residual_weights(p: Array, q: Array) -> Array:
     vanishing probability and ``p`` is the right limit. Decided on the device: nothing
     is read back.
     """
+    if isinstance(p, np.ndarray):
+        # In place on one float64 copy (p + (-(q / s)) is p - q / s exactly).
+        r = np.asarray(q, dtype=np.float64).copy()
+        r /= -r.sum(axis=-1, keepdims=True)
+        r += p
+        np.maximum(r, 0.0, out=r)
+        empty = r.sum(axis=-1, keepdims=True) <= 1e-12
+        return np.where(empty, p, r) if empty.any() else r
     xp = namespace(p)
-    qq = xp.astype(q, xp.float64, copy=False)
+    qq = xp.astype(q, xp.float64)
     qq = qq / xp.sum(qq, axis=-1, keepdims=True)
     r = xp.maximum(p - qq, xp.zeros_like(p))
     mass = xp.sum(r, axis=-1, keepdims=True)
-    if isinstance(r, np.ndarray):  # on the host: skip the select when nothing is empty
-        empty = mass <= 1e-12
-        if not empty.any():
-            return r
-        return np.where(empty, p, r)
     return xp.where(mass > 1e-12, r, p)
