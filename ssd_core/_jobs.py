@@ -819,29 +819,33 @@ class DraftJob(Job):
         temps = [s.params.effective_draft_temperature for s in self._active]
         fans = [s.saguaro_fan[self.step] for s in self._active]
         keys: list[Key] = [("neural", s.stream, s.round, self.step) for s in self._active]
-        if uniforms is not None:
-            # Confidences and tokens in one read: every active row draws, and a row that
-            # is not worth proposing (decided from its confidence, never from its token)
-            # drops its token unseen -- the same as not drawing it.
+        if uniforms is not None and not isinstance(picked, np.ndarray):
+            # On a device, confidences and tokens in one read: every active row draws,
+            # and a row that is not worth proposing (decided from its confidence, never
+            # from its token) drops its token unseen -- the same as not drawing it.
             draws = _Draws(ctx, picked, temps, fans, keys, uniforms)
             host = _fetch_checked(
                 ctx, Lane.DRAFT, "drafting", [confidence_rows(picked), *draws.parts], flag
             )
             conf = [float(c) for c in host[0]]
             go = [i for i, s in enumerate(self._active) if self._proposes(s, conf[i])]
-            drawn = dict(zip(range(len(temps)), draws.tokens(host[1:])))
+            drawn = dict(enumerate(draws.tokens(host[1:])))
             q = dict(enumerate(draws.q))
         else:
             # Decide from the rows -- before drawing -- which sequences propose this
-            # position; only those draw.
+            # position; only those draw (host rows: no read to save by drawing early).
             conf = confidence(picked)
             go = [i for i, s in enumerate(self._active) if self._proposes(s, conf[i])]
             drawn, q = {}, {}
             if go:
                 sub = picked if len(go) == len(self._active) else _rows(xp, picked, go)
-                toks, rows_q = _draft_tokens(
-                    ctx, sub, [temps[i] for i in go], [fans[i] for i in go], [keys[i] for i in go]
-                )
+                sub_t, sub_f = [temps[i] for i in go], [fans[i] for i in go]
+                sub_k = [keys[i] for i in go]
+                if uniforms is not None:
+                    few = _Draws(ctx, sub, sub_t, sub_f, sub_k, uniforms)
+                    toks, rows_q = few.tokens(fetch(few.parts)), few.q
+                else:
+                    toks, rows_q = _draft_tokens(ctx, sub, sub_t, sub_f, sub_k)
                 drawn, q = dict(zip(go, toks)), dict(zip(go, rows_q))
         if len(go) < len(self._active):
             self._stopped.update(s.sid for i, s in enumerate(self._active) if i not in go)
