@@ -581,11 +581,28 @@ class VerifyJob(Job):
         u_acc_d, u_tok_d = xp.reshape(pieces[0], (n, kmax)), pieces[1]
         acc_at_d, starts_d, q_at_d, ks_d, tok_d = (xp.astype(x, xp.int64) for x in pieces[2:])
 
-        q_all = None
-        if kmax:
+        on_host = isinstance(p, np.ndarray)
+        q_all: Any = None
+        q_seq: list[Any] = []
+        if kmax and on_host:
+            # On the host there is no read to save: one call per sequence, on views of
+            # p (no gathered copy of its rows), as the protocol path does.
+            q_seq = [self._proposal(xp, p, s) if k else None for s, k in zip(seqs, ks)]
+            acc = np.concatenate(
+                [
+                    np.asarray(
+                        _as_array(ops.accept_probabilities(p[st : st + k], q, s.spec.tokens), p),
+                        dtype=np.float64,
+                    )
+                    for s, st, k, q in zip(seqs, starts, ks, q_seq)
+                    if k
+                ]
+            )
+        elif kmax:
             q_all = self._proposals(xp, p, seqs, tok_d)
             p_spec = _rows(xp, p, [r for st, k in zip(starts, ks) for r in range(st, st + k)])
             acc = _as_array(ops.accept_probabilities(p_spec, q_all, tokens), p)
+        if kmax:
             acc_pad = xp.reshape(xp.take(acc, acc_at_d, axis=0), (n, kmax))
             ok = xp.astype(u_acc_d < acc_pad, xp.int64)
             pad = xp.zeros((n, 1), dtype=xp.int64, device=_device(ok))
@@ -594,13 +611,13 @@ class VerifyJob(Job):
         else:
             a = xp.zeros((n,), dtype=xp.int64, device=_device(p))
         p_last = xp.take(p, starts_d + a, axis=0)
-        if q_all is None:
+        if not kmax:
             last = p_last
-        elif isinstance(p, np.ndarray):  # on the host: residuals for rejected rows only
+        elif on_host:  # residuals for the rejected rows only
             last = p_last
             rej = np.flatnonzero(a < np.asarray(ks))
             if rej.size:
-                q_rej = np.take(q_all, q_at[rej] + a[rej], axis=0)
+                q_rej = np.stack([q_seq[i][a[i]] for i in rej])
                 last[rej] = ops.residual_weights(p_last[rej], q_rej)
         else:
             q_sel = xp.take(
@@ -618,6 +635,14 @@ class VerifyJob(Job):
             }
 
         return [a, token], finish
+
+    def _proposal(self, xp: Any, p: Any, s: VerifyInput) -> Any:
+        """One speculation's q rows where p lives (one-hot rows for point masses)."""
+        if s.spec.q is not None:
+            return move_like(s.spec.q, p)
+        cols = xp.arange(self.ctx.vocab_size, device=_device(p))
+        toks = upload(np.asarray(s.spec.tokens, dtype=np.int64), p)
+        return xp.astype(cols[None, :] == toks[:, None], xp.float64)
 
     def _proposals(self, xp: Any, p: Any, seqs: list[VerifyInput], tok_d: Any) -> Any:
         """Every speculation's q rows, stacked on p's device: the draft's rows (moved
@@ -659,16 +684,8 @@ class VerifyJob(Job):
             starts.append(at)
             k = len(s.spec.tokens)
             at += k + 1
-            if not k:
-                q_rows.append(None)
-            elif s.spec.q is None:
-                # Point masses (fast backup tokens, a greedy draft): one-hot rows,
-                # built where p lives.
-                cols = xp.arange(ctx.vocab_size, device=_device(p))
-                toks = upload(np.asarray(s.spec.tokens, dtype=np.int64), p)
-                q_rows.append(xp.astype(cols[None, :] == toks[:, None], xp.float64))
-            else:
-                q_rows.append(move_like(s.spec.q, p))
+            # Point masses (fast backup tokens, a greedy draft) get one-hot rows.
+            q_rows.append(self._proposal(xp, p, s) if k else None)
         accept_p = [
             [
                 float(x)
