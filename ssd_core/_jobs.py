@@ -177,8 +177,11 @@ def _fetch_checked(
 
 
 def _as_array(values: Any, like: Any) -> Any:
-    """An op's result as an array like ``like`` (a list of host floats is uploaded)."""
-    if hasattr(values, "shape"):
+    """An op's result as an array like ``like`` (host floats -- a list, or a numpy
+    array from an op that computed on the host -- are uploaded)."""
+    if hasattr(values, "shape") and (
+        not isinstance(values, np.ndarray) or isinstance(like, np.ndarray)
+    ):
         return values
     return upload(np.asarray(values, dtype=np.float64), like)
 

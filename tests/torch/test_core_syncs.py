@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 
+import attrs
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -29,6 +30,7 @@ from ssd_core import (  # noqa: E402
     generate,
 )
 from ssd_core.testing import (  # noqa: E402
+    MathOps,
     accept_probabilities,
     count_above,
     draft_weights,
@@ -40,9 +42,11 @@ from ssd_core.testing import (  # noqa: E402
     residual_weights,
     sample_inverse_cdf,
     target_probs,
+    to_numpy,
     top_candidates,
     top_ids,
     uniform_draws,
+    using_ops,
 )
 
 K = 4
@@ -213,6 +217,32 @@ def test_same_seed_same_tokens_as_the_protocol_path(th):
         fast = generate(target, draft, source=SeededSource(5, check_unique=True), **kw)
         slow = generate(target, draft, source=Protocol(5, check_unique=True), **kw)
         assert fast.tokens == slow.tokens
+
+
+def test_ops_that_answer_on_the_host_still_work_on_the_device(th):
+    """A MathOps seam may return host floats (a list or numpy) for device rows, as the
+    exactness tests' variants do; the job uploads them and the tokens are the same."""
+    exact = MathOps()
+
+    def host_list(p, q, tokens):
+        return to_numpy(exact.accept_probabilities(p, q, tokens)).tolist()
+
+    def host_numpy(p, q, tokens):
+        return to_numpy(exact.accept_probabilities(p, q, tokens))
+
+    target, draft = th.make_model("plain"), th.make_model("plain", seed=1)
+    kw = dict(
+        prompts=[[1, 2, 3], [4, 5]],
+        mode="ssd",
+        max_new_tokens=10,
+        sampling=SamplingParams(temperature=1.0),
+        config=SSDConfig(k=3, fanout=4, fallback="fast"),
+        driver="sequential",
+    )
+    want = generate(target, draft, **kw).tokens
+    for fn in (host_list, host_numpy):
+        with using_ops(attrs.evolve(exact, accept_probabilities=fn)):
+            assert generate(target, draft, **kw).tokens == want
 
 
 # -- the pieces ------------------------------------------------------------------------
