@@ -9,34 +9,53 @@ job never sees the machine and never writes a sequence, so a driver may run a wh
 job on a lane's worker thread.
 
 The tree job's stages change only through :data:`TREE_TRANSITIONS`.
+
+Host reads. On a GPU every value read back blocks the host, so a job reads back once
+per request it receives: the logits' finiteness check, the ids it must act on (sampled
+tokens, accepted counts, tree candidates) and a few floats travel together in one
+:func:`~ssd_core._math.fetch`. What the host must send (uniforms, indices, per-row
+parameters) goes up in one non-blocking upload per request. With a source that offers
+uniforms (:func:`~ssd_core._random.uniform_draws`) a verification is one read and a
+tree or draft step one read; other sources (the enumerating one) get their protocol
+calls, in the same order as ever, with the reads those need.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import array_api_compat
 import attrs
+import numpy as np
 
 from ._config import SamplingParams
 from ._errors import BackendContractError, InternalError
 from ._math import (
     accept_probabilities,
-    check_logits,
+    check_shape,
     count_above,
+    count_above_many,
     draft_weights,
+    fetch,
+    finite_flag,
+    logits_error,
     move_like,
     namespace,
+    pick_top,
+    rank_from,
     residual_weights,
     target_probs,
     to_host,
+    top_candidates,
     top_ids,
+    upload,
 )
-from ._policy import CostModel, confidence, predict_from
+from ._policy import CostModel, confidence, confidence_rows, predict_from
 from ._protocol import Handle
-from ._random import Key, RandomSource, Stream
+from ._random import Key, RandomSource, Stream, inverse_cdf, uniform_draws
 from ._requests import Close, Extend, Fork, Lane, Open, Purpose, Request
 from ._sequence import NO_SPECULATION, DraftHandle, Outcome, Speculation, TargetHandle
 
@@ -70,15 +89,18 @@ class MathOps:
             ``positions[i]`` is row i's position in its sequence's verification block
             (0 = the first verified token).
         draft_weights: ``(logits, temperatures, fanouts, saguaro_c) -> q`` rows.
-        accept_probabilities: ``(p, q, tokens) -> [min(1, p(d)/q(d))]``.
-        residual_weights: ``(p_row, q_row) -> max(0, p - q)`` (p when it has no mass).
+        accept_probabilities: ``(p, q, tokens) -> min(1, p(d)/q(d))`` per row (an
+            array in p's namespace, or host floats); row-wise, so the rows of every
+            speculation in a verification may come in one call.
+        residual_weights: ``(p, q) -> max(0, p - q)`` per row (p where it has no
+            mass); called with one row or with rows.
         lookup: ``(branches, sid, outcome) -> branch or None``: the cached branch
             that serves ``outcome`` of sequence ``sid``.
     """
 
     target_probs: Callable[[Any, Sequence[SamplingParams], Any], Any] = _default_target_probs
     draft_weights: Callable[[Any, Sequence[float], Sequence[int], float], Any] = draft_weights
-    accept_probabilities: Callable[[Any, Any, Sequence[int]], list[float]] = accept_probabilities
+    accept_probabilities: Callable[[Any, Any, Sequence[int]], Any] = accept_probabilities
     residual_weights: Callable[[Any, Any], Any] = residual_weights
     lookup: Callable[[Sequence[Branch], int, Outcome], Branch | None] = _default_lookup
 
@@ -117,6 +139,98 @@ def _device(x: Any) -> Any:
     return array_api_compat.device(x)
 
 
+def _rows(xp: Any, x: Any, index: Sequence[int]) -> Any:
+    """Rows ``index`` of ``x``: a view when they are consecutive, else one gather (its
+    index uploaded without blocking the host)."""
+    n = len(index)
+    if n and all(index[j] == index[0] + j for j in range(n)):
+        return x if index[0] == 0 and n == x.shape[0] else x[index[0] : index[0] + n]
+    return xp.take(x, upload(np.asarray(index, dtype=np.int64), x), axis=0)
+
+
+def _validate(
+    ctx: JobContext, lane: Lane, logits: Any, rows: int, what: str, *, defer: bool
+) -> Any:
+    """Check a backend's logits. Shape and dtype now; finiteness now on the host, or --
+    on a device with ``defer`` -- as a flag to fetch with the job's results (returned;
+    ``None`` when already checked). See :func:`_fetch_checked`."""
+    check_shape(logits, rows, ctx.vocab_size, who=ctx.name(lane), what=what)
+    if not rows:
+        return None
+    flag = finite_flag(logits)
+    if defer and not isinstance(logits, np.ndarray):
+        return flag
+    if not bool(flag):
+        raise logits_error(ctx.name(lane), what)
+    return None
+
+
+def _fetch_checked(
+    ctx: JobContext, lane: Lane, what: str, parts: Sequence[Any], flag: Any
+) -> list[np.ndarray]:
+    """``parts`` on the host in one transfer, with the deferred finiteness flag (raises
+    before anything is used if it is down)."""
+    host = fetch([*parts, flag] if flag is not None else list(parts))
+    if flag is not None and not bool(host.pop()):
+        raise logits_error(ctx.name(lane), what)
+    return host
+
+
+def _as_array(values: Any, like: Any) -> Any:
+    """An op's result as an array like ``like`` (host floats -- a list, or a numpy
+    array from an op that computed on the host -- are uploaded)."""
+    if hasattr(values, "shape") and (
+        not isinstance(values, np.ndarray) or isinstance(like, np.ndarray)
+    ):
+        return values
+    return upload(np.asarray(values, dtype=np.float64), like)
+
+
+class _Draws:
+    """One draft token per row, drawn on the rows' device from the source's uniforms
+    (a greedy row takes its lowest argmax: no draw). Fetch :attr:`parts`, then read the
+    tokens with :meth:`tokens`; :attr:`q` holds each row's weights (``None``: greedy)."""
+
+    def __init__(
+        self,
+        ctx: JobContext,
+        rows: Any,
+        temperatures: Sequence[float],
+        fanouts: Sequence[int],
+        keys: Sequence[Key],
+        uniforms: Callable[[Sequence[Key]], list[float]],
+    ) -> None:
+        xp = namespace(rows)
+        self.greedy = [i for i, t in enumerate(temperatures) if t == 0.0]
+        self.sampled = [i for i, t in enumerate(temperatures) if t != 0.0]
+        self.q: list[Any] = [None] * len(temperatures)
+        self.parts: list[Any] = []
+        if self.greedy:
+            sub = rows if not self.sampled else _rows(xp, rows, self.greedy)
+            self.parts.append(xp.argmax(sub, axis=1))
+        if self.sampled:
+            sub = rows if not self.greedy else _rows(xp, rows, self.sampled)
+            w = ctx.ops.draft_weights(
+                sub,
+                [temperatures[i] for i in self.sampled],
+                [fanouts[i] for i in self.sampled],
+                ctx.saguaro_c,
+            )
+            self.parts.append(inverse_cdf(w, uniforms([keys[i] for i in self.sampled])))
+            for j, i in enumerate(self.sampled):
+                self.q[i] = w[j]
+
+    def tokens(self, host: Sequence[np.ndarray]) -> list[int]:
+        out = [0] * len(self.q)
+        at = 0
+        for index in (self.greedy, self.sampled):
+            if index:
+                for i, t in zip(index, host[at]):
+                    out[i] = int(t)
+                at += 1
+        return out
+
+
 def _draft_tokens(
     ctx: JobContext,
     rows: Any,
@@ -124,21 +238,21 @@ def _draft_tokens(
     fanouts: Sequence[int],
     keys: Sequence[Key],
 ) -> tuple[list[int], list[Any]]:
-    """Draw one draft token per row: (tokens, the q row each was drawn from, ``None``
-    for a greedy row). A greedy row's token is its lowest argmax -- a point mass, so
-    there is nothing to draw and no row to keep (the verifier treats ``q=None`` as
-    point masses)."""
+    """Draw one draft token per row through the source's protocol calls: (tokens, the
+    q row each was drawn from, ``None`` for a greedy row). A greedy row's token is its
+    lowest argmax -- a point mass, so there is nothing to draw and no row to keep (the
+    verifier treats ``q=None`` as point masses)."""
     xp = namespace(rows)
     greedy = [i for i, t in enumerate(temperatures) if t == 0.0]
     sampled = [i for i, t in enumerate(temperatures) if t != 0.0]
     tokens: list[int] = [0] * len(temperatures)
     q: list[Any] = [None] * len(temperatures)
     if greedy:
-        sub = rows if not sampled else _take(xp, rows, greedy)
+        sub = rows if not sampled else _rows(xp, rows, greedy)
         for i, t in zip(greedy, to_host(xp.argmax(sub, axis=1))):
             tokens[i] = int(t)
     if sampled:
-        sub = rows if not greedy else _take(xp, rows, sampled)
+        sub = rows if not greedy else _rows(xp, rows, sampled)
         w = ctx.ops.draft_weights(
             sub, [temperatures[i] for i in sampled], [fanouts[i] for i in sampled], ctx.saguaro_c
         )
@@ -154,10 +268,6 @@ def _stack(rows: Sequence[Any]) -> Any:
     if not rows or rows[0] is None:
         return None
     return namespace(rows[0]).stack(list(rows))
-
-
-def _take(xp: Any, rows: Any, index: Sequence[int]) -> Any:
-    return xp.take(rows, xp.asarray(list(index), dtype=xp.int64, device=_device(rows)), axis=0)
 
 
 # -- the job protocol ------------------------------------------------------------------
@@ -341,10 +451,7 @@ class VerifyJob(Job):
     def _receive(self, request: Request, result: Any) -> None:
         ctx = self.ctx
         assert isinstance(request, Extend)
-        logits = check_logits(
-            result, request.rows, ctx.vocab_size, who=ctx.target_name, what="verification"
-        )
-        xp = namespace(logits)
+        uniforms = uniform_draws(ctx.source)
         # Each sequence's K_i + 1 needed rows, by their row in ``logits``.
         blocks: list[list[int]] = []
         offset = 0
@@ -354,46 +461,68 @@ class VerifyJob(Job):
             blocks.append(list(range(offset - n, offset)))
         greedy = [i for i, s in enumerate(self.seqs) if s.params.temperature == 0.0]
         sampled = [i for i, s in enumerate(self.seqs) if s.params.temperature != 0.0]
+        logits = result
+        flag = _validate(
+            ctx,
+            Lane.TARGET,
+            logits,
+            request.rows,
+            "verification",
+            defer=uniforms is not None or not sampled,
+        )
+        xp = namespace(logits)
         outcomes: dict[int, Outcome] = {}
+        parts: list[Any] = []
+        finishers: list[tuple[int, Callable[[list[np.ndarray]], dict[int, Outcome]]]] = []
         if greedy:
-            outcomes.update(
-                self._greedy(
-                    xp, logits, [self.seqs[i] for i in greedy], [blocks[i] for i in greedy]
-                )
+            g_parts, g_finish = self._greedy(
+                xp, logits, [self.seqs[i] for i in greedy], [blocks[i] for i in greedy]
             )
+            parts += g_parts
+            finishers.append((len(g_parts), g_finish))
         if sampled:
-            outcomes.update(
-                self._sampled(
-                    xp, logits, [self.seqs[i] for i in sampled], [blocks[i] for i in sampled]
-                )
-            )
+            seqs, blks = [self.seqs[i] for i in sampled], [blocks[i] for i in sampled]
+            if uniforms is None:
+                outcomes.update(self._sampled(xp, logits, seqs, blks))
+            else:
+                s_parts, s_finish = self._sampled_fast(xp, logits, seqs, blks, uniforms)
+                parts += s_parts
+                finishers.append((len(s_parts), s_finish))
+        host = _fetch_checked(ctx, Lane.TARGET, "verification", parts, flag)
+        at = 0
+        for n_parts, finish in finishers:
+            outcomes.update(finish(host[at : at + n_parts]))
+            at += n_parts
         self._outcomes = {s.sid: outcomes[s.sid] for s in self.seqs}
         self.outcomes = self._outcomes
 
     @staticmethod
     def _greedy(
         xp: Any, logits: Any, seqs: list[VerifyInput], blocks: list[list[int]]
-    ) -> dict[int, Outcome]:
+    ) -> tuple[list[Any], Callable[[list[np.ndarray]], dict[int, Outcome]]]:
         """Temperature 0: the processed target is one-hot at the lowest argmax, so draft
         token d_i is accepted with probability 1 iff it is that argmax and 0 otherwise,
         and the recovery or bonus token is the argmax itself -- for any proposal q. No
         probabilities and no draws are needed; only the argmaxes cross to the host."""
-        picks = [r for b in blocks for r in b]
-        rows = xp.take(logits, xp.asarray(picks, dtype=xp.int64, device=_device(logits)), axis=0)
-        best = [int(t) for t in to_host(xp.argmax(rows, axis=1))]
-        out, at = {}, 0
-        for s, b in zip(seqs, blocks):
-            a = 0
-            while a < len(s.spec.tokens) and s.spec.tokens[a] == best[at + a]:
-                a += 1
-            out[s.sid] = Outcome(accepted=a, token=best[at + a], proposed=len(s.spec.tokens))
-            at += len(b)
-        return out
+        rows = _rows(xp, logits, [r for b in blocks for r in b])
 
-    def _sampled(
+        def finish(host: list[np.ndarray]) -> dict[int, Outcome]:
+            best = [int(t) for t in host[0]]
+            out, at = {}, 0
+            for s, b in zip(seqs, blocks):
+                a = 0
+                while a < len(s.spec.tokens) and s.spec.tokens[a] == best[at + a]:
+                    a += 1
+                out[s.sid] = Outcome(accepted=a, token=best[at + a], proposed=len(s.spec.tokens))
+                at += len(b)
+            return out
+
+        return [xp.argmax(rows, axis=1)], finish
+
+    def _target_rows(
         self, xp: Any, logits: Any, seqs: list[VerifyInput], blocks: list[list[int]]
-    ) -> dict[int, Outcome]:
-        ctx, ops = self.ctx, self.ctx.ops
+    ) -> Any:
+        """The processed target rows of every block, stacked."""
         picks: list[int] = []
         params: list[SamplingParams] = []
         positions: list[int] = []
@@ -401,8 +530,156 @@ class VerifyJob(Job):
             picks.extend(b)
             params.extend([s.params] * len(b))
             positions.extend(range(len(b)))
-        rows = xp.take(logits, xp.asarray(picks, dtype=xp.int64, device=_device(logits)), axis=0)
-        p = ops.target_probs(rows, params, tuple(positions))
+        return self.ctx.ops.target_probs(_rows(xp, logits, picks), params, tuple(positions))
+
+    def _sampled_fast(
+        self,
+        xp: Any,
+        logits: Any,
+        seqs: list[VerifyInput],
+        blocks: list[list[int]],
+        uniforms: Callable[[Sequence[Key]], list[float]],
+    ) -> tuple[list[Any], Callable[[list[np.ndarray]], dict[int, Outcome]]]:
+        """Rejection sampling for every sequence at once, on the logits' device.
+
+        Every accept test of the block is compared with its uniform in one go; the
+        first rejection per sequence, its residual (or the bonus row) and the recovery
+        or bonus token are found on the device, so the only read is (accepted, token)
+        per sequence. The draws are the protocol's, realised from the same uniforms:
+        ``("accept", stream, round, i)`` for position i (uniforms past the first
+        rejection are derived but decide nothing) and ``("token", stream, round)``.
+        """
+        ops = self.ctx.ops
+        p = self._target_rows(xp, logits, seqs, blocks)
+        n = len(seqs)
+        ks = [len(s.spec.tokens) for s in seqs]
+        kmax, total = max(ks), sum(ks)
+        starts = list(itertools.accumulate([k + 1 for k in ks], initial=0))[:-1]
+        keys: list[Key] = [
+            ("accept", s.stream, s.round, j) for s in seqs for j in range(len(s.spec.tokens))
+        ]
+        keys += [("token", s.stream, s.round) for s in seqs]
+        u = np.asarray(uniforms(keys), dtype=np.float64)
+        # One upload for the whole job: uniforms (padded per sequence with 2.0, which no
+        # probability is above, so padding always reads as a rejection), indices, tokens.
+        u_acc = np.full((n, kmax), 2.0)
+        acc_at = np.zeros((n, kmax), dtype=np.int64)
+        q_at = np.zeros(n, dtype=np.int64)
+        at = 0
+        for i, k in enumerate(ks):
+            u_acc[i, :k] = u[at : at + k]
+            acc_at[i, :k] = np.arange(at, at + k)
+            q_at[i] = at if k else 0
+            at += k
+        tokens = [t for s in seqs for t in s.spec.tokens]
+        sizes = (n * kmax, n, n * kmax, n, n, n, total)
+        host = np.concatenate(
+            [u_acc.ravel(), u[total:], acc_at.ravel(), starts, q_at, ks, tokens]
+        ).astype(np.float64)
+        up = upload(host, p)
+        pieces, o = [], 0
+        for size in sizes:
+            pieces.append(up[o : o + size])
+            o += size
+        u_acc_d, u_tok_d = xp.reshape(pieces[0], (n, kmax)), pieces[1]
+        acc_at_d, starts_d, q_at_d, ks_d, tok_d = (xp.astype(x, xp.int64) for x in pieces[2:])
+
+        on_host = isinstance(p, np.ndarray)
+        q_all: Any = None
+        q_seq: list[Any] = []
+        if kmax and on_host:
+            # On the host there is no read to save: one call per sequence, on views of
+            # p (no gathered copy of its rows), as the protocol path does.
+            q_seq = [self._proposal(xp, p, s) if k else None for s, k in zip(seqs, ks)]
+            acc = np.concatenate(
+                [
+                    np.asarray(
+                        _as_array(ops.accept_probabilities(p[st : st + k], q, s.spec.tokens), p),
+                        dtype=np.float64,
+                    )
+                    for s, st, k, q in zip(seqs, starts, ks, q_seq)
+                    if k
+                ]
+            )
+        elif kmax:
+            q_all = self._proposals(xp, p, seqs, tok_d)
+            p_spec = _rows(xp, p, [r for st, k in zip(starts, ks) for r in range(st, st + k)])
+            acc = _as_array(ops.accept_probabilities(p_spec, q_all, tokens), p)
+        if kmax:
+            acc_pad = xp.reshape(xp.take(acc, acc_at_d, axis=0), (n, kmax))
+            ok = xp.astype(u_acc_d < acc_pad, xp.int64)
+            pad = xp.zeros((n, 1), dtype=xp.int64, device=_device(ok))
+            # the first 0 of each row (argmin takes the first of equal minima)
+            a = xp.argmin(xp.concat([ok, pad], axis=1), axis=1)
+        else:
+            a = xp.zeros((n,), dtype=xp.int64, device=_device(p))
+        p_last = xp.take(p, starts_d + a, axis=0)
+        if not kmax:
+            last = p_last
+        elif on_host:  # residuals for the rejected rows only
+            last = p_last
+            rej = np.flatnonzero(a < np.asarray(ks))
+            if rej.size:
+                q_rej = np.stack([q_seq[i][a[i]] for i in rej])
+                last[rej] = ops.residual_weights(p_last[rej], q_rej)
+        else:
+            q_sel = xp.take(
+                q_all, q_at_d + xp.minimum(a, xp.maximum(ks_d - 1, xp.zeros_like(ks_d))), axis=0
+            )
+            resid = ops.residual_weights(p_last, q_sel)
+            last = xp.where((a < ks_d)[:, None], resid, p_last)
+        token = inverse_cdf(last, u_tok_d)
+
+        def finish(host: list[np.ndarray]) -> dict[int, Outcome]:
+            acc_h, tok_h = host
+            return {
+                s.sid: Outcome(accepted=int(acc_h[i]), token=int(tok_h[i]), proposed=ks[i])
+                for i, s in enumerate(seqs)
+            }
+
+        return [a, token], finish
+
+    def _proposal(self, xp: Any, p: Any, s: VerifyInput) -> Any:
+        """One speculation's q rows where p lives (one-hot rows for point masses)."""
+        if s.spec.q is not None:
+            return move_like(s.spec.q, p)
+        cols = xp.arange(self.ctx.vocab_size, device=_device(p))
+        toks = upload(np.asarray(s.spec.tokens, dtype=np.int64), p)
+        return xp.astype(cols[None, :] == toks[:, None], xp.float64)
+
+    def _proposals(self, xp: Any, p: Any, seqs: list[VerifyInput], tok_d: Any) -> Any:
+        """Every speculation's q rows, stacked on p's device: the draft's rows (moved
+        device to device), one-hot rows for point masses (fast backup tokens, a greedy
+        draft)."""
+        parts: list[Any] = []
+        onehot = None
+        at = 0
+        for s in seqs:
+            k = len(s.spec.tokens)
+            if not k:
+                continue
+            if s.spec.q is None:
+                if onehot is None:
+                    cols = xp.arange(self.ctx.vocab_size, device=_device(p))
+                    onehot = xp.astype(cols[None, :] == tok_d[:, None], xp.float64)
+                parts.append(onehot[at : at + k])
+            else:
+                parts.append(move_like(s.spec.q, p))
+            at += k
+        if len(parts) == 1:
+            return parts[0]
+        if len({x.dtype for x in parts}) > 1:
+            parts = [xp.astype(x, xp.float64) for x in parts]
+        return xp.concat(parts, axis=0)
+
+    def _sampled(
+        self, xp: Any, logits: Any, seqs: list[VerifyInput], blocks: list[list[int]]
+    ) -> dict[int, Outcome]:
+        """Rejection sampling through the source's protocol calls (a source without
+        uniforms: the enumerating one), one position at a time so a rejection ends the
+        draws."""
+        ctx, ops = self.ctx, self.ctx.ops
+        p = self._target_rows(xp, logits, seqs, blocks)
 
         starts, at = [], 0
         q_rows: list[Any] = []
@@ -410,23 +687,22 @@ class VerifyJob(Job):
             starts.append(at)
             k = len(s.spec.tokens)
             at += k + 1
-            if not k:
-                q_rows.append(None)
-            elif s.spec.q is None:
-                # Point masses (fast backup tokens, a greedy draft): one-hot rows,
-                # built where p lives.
-                cols = xp.arange(ctx.vocab_size, device=_device(p))
-                toks = xp.asarray(list(s.spec.tokens), device=_device(p))
-                q_rows.append(xp.astype(cols[None, :] == toks[:, None], xp.float64))
-            else:
-                q_rows.append(move_like(s.spec.q, p))
+            # Point masses (fast backup tokens, a greedy draft) get one-hot rows.
+            q_rows.append(self._proposal(xp, p, s) if k else None)
         accept_p = [
-            ops.accept_probabilities(p[st : st + len(s.spec.tokens)], q, s.spec.tokens)
+            [
+                float(x)
+                for x in to_host(
+                    _as_array(
+                        ops.accept_probabilities(p[st : st + len(s.spec.tokens)], q, s.spec.tokens),
+                        p,
+                    )
+                )
+            ]
             if s.spec.tokens
             else []
             for s, st, q in zip(seqs, starts, q_rows)
         ]
-        # Acceptance tests, one position at a time so a rejection ends the draws.
         accepted = [0] * len(seqs)
         running = [i for i, s in enumerate(seqs) if s.spec.tokens]
         pos = 0
@@ -544,8 +820,10 @@ class DraftJob(Job):
     def _receive(self, request: Request, result: Any) -> None:
         ctx = self.ctx
         assert isinstance(request, Extend)
-        logits = check_logits(
-            result, request.rows, ctx.vocab_size, who=ctx.draft_name, what="drafting"
+        uniforms = uniform_draws(ctx.source)
+        logits = result
+        flag = _validate(
+            ctx, Lane.DRAFT, logits, request.rows, "drafting", defer=uniforms is not None
         )
         xp = namespace(logits)
         last, offset = [], 0
@@ -557,29 +835,46 @@ class DraftJob(Job):
             self._handles[s.sid] = DraftHandle(handle=d.handle, held=d.held, rows=rows)
             offset += len(feed)
             last.append(offset - 1)
-        picked = xp.take(logits, xp.asarray(last, device=_device(logits)), axis=0)
-        # Decide from the rows -- before drawing -- which sequences propose this position.
-        conf = confidence(picked)
-        go = [i for i, s in enumerate(self._active) if self._proposes(s, conf[i])]
+        picked = _rows(xp, logits, last)
+        temps = [s.params.effective_draft_temperature for s in self._active]
+        fans = [s.saguaro_fan[self.step] for s in self._active]
+        keys: list[Key] = [("neural", s.stream, s.round, self.step) for s in self._active]
+        if uniforms is not None and not isinstance(picked, np.ndarray):
+            # On a device, confidences and tokens in one read: every active row draws,
+            # and a row that is not worth proposing (decided from its confidence, never
+            # from its token) drops its token unseen -- the same as not drawing it.
+            draws = _Draws(ctx, picked, temps, fans, keys, uniforms)
+            host = _fetch_checked(
+                ctx, Lane.DRAFT, "drafting", [confidence_rows(picked), *draws.parts], flag
+            )
+            conf = [float(c) for c in host[0]]
+            go = [i for i, s in enumerate(self._active) if self._proposes(s, conf[i])]
+            drawn = dict(enumerate(draws.tokens(host[1:])))
+            q = dict(enumerate(draws.q))
+        else:
+            # Decide from the rows -- before drawing -- which sequences propose this
+            # position; only those draw (host rows: no read to save by drawing early).
+            conf = confidence(picked)
+            go = [i for i, s in enumerate(self._active) if self._proposes(s, conf[i])]
+            drawn, q = {}, {}
+            if go:
+                sub = picked if len(go) == len(self._active) else _rows(xp, picked, go)
+                sub_t, sub_f = [temps[i] for i in go], [fans[i] for i in go]
+                sub_k = [keys[i] for i in go]
+                if uniforms is not None:
+                    few = _Draws(ctx, sub, sub_t, sub_f, sub_k, uniforms)
+                    toks, rows_q = few.tokens(fetch(few.parts)), few.q
+                else:
+                    toks, rows_q = _draft_tokens(ctx, sub, sub_t, sub_f, sub_k)
+                drawn, q = dict(zip(go, toks)), dict(zip(go, rows_q))
         if len(go) < len(self._active):
             self._stopped.update(s.sid for i, s in enumerate(self._active) if i not in go)
-            self._active = [self._active[i] for i in go]
-            conf = [conf[i] for i in go]
-            if go:
-                index = xp.asarray(go, dtype=xp.int64, device=_device(picked))
-                picked = xp.take(picked, index, axis=0)
-        if self._active:
-            drawn, q = _draft_tokens(
-                ctx,
-                picked,
-                [s.params.effective_draft_temperature for s in self._active],
-                [s.saguaro_fan[self.step] for s in self._active],
-                [("neural", s.stream, s.round, self.step) for s in self._active],
-            )
-            for i, s in enumerate(self._active):
-                self._tokens[s.sid].append(drawn[i])
-                self._rows[s.sid].append(q[i])
-                self._conf[s.sid].append(conf[i])
+        for i in go:
+            s = self._active[i]
+            self._tokens[s.sid].append(drawn[i])
+            self._rows[s.sid].append(q[i])
+            self._conf[s.sid].append(conf[i])
+        self._active = [self._active[i] for i in go]
         self.step += 1
 
     def _proposes(self, s: DraftInput, conf: float) -> bool:
@@ -663,7 +958,9 @@ class TreeInput:
 class Branch:
     """One cached speculation: for sequence ``sid`` after the outcome "``k`` accepted,
     then ``token``". ``context`` is what the branch handle holds once ``token`` is fed;
-    ``tokens`` and ``q`` are the sampled speculation, ``raw`` its raw draft rows."""
+    ``tokens`` and ``q`` are the sampled speculation, ``raw`` its raw draft rows and
+    ``conf`` their confidences (read with the tokens for device rows; empty for host
+    rows, whose confidence costs nothing to compute later)."""
 
     sid: int
     k: int
@@ -674,10 +971,21 @@ class Branch:
     tokens: list[int] = attrs.field(factory=list)
     q: list[Any] = attrs.field(factory=list)
     raw: list[Any] = attrs.field(factory=list)
+    conf: list[float] = attrs.field(factory=list)
 
     @property
     def complete(self) -> bool:
         return len(self.tokens) == self.steps
+
+
+@attrs.frozen
+class Candidates:
+    """A block of glue rows' top entries, read back once (host arrays): ``vals[k]``,
+    ``ids[k]`` for row g_k, in no order; ``complete`` when they are the whole rows."""
+
+    vals: np.ndarray
+    ids: np.ndarray
+    complete: bool
 
 
 @attrs.frozen
@@ -689,18 +997,59 @@ class TreeResult:
     #: Each sequence's draft handle after the glue pass.
     draft: dict[int, DraftHandle]
     branches: tuple[Branch, ...]
+    #: The glue rows' top entries per sequence, for device rows (ranks from the host).
+    cands: dict[int, Candidates] = attrs.field(factory=dict)
+    _ranks: dict[tuple[int, int, int], int] = attrs.field(factory=dict, init=False)
 
     def handles(self) -> list[Handle]:
         return [b.handle for b in self.branches if b.handle is not None]
 
     def rank(self, sid: int, spec: Speculation, outcome: Outcome) -> int | None:
-        """1 + how many candidates the draft ranked above the realised token."""
+        """1 + how many candidates the draft ranked above the realised token.
+
+        From the candidates read with the glue pass when they decide it, else from the
+        glue row (one host read on a device: :meth:`prefetch_ranks` does a round's at
+        once)."""
         g = self.glue.get(sid)
         if g is None:
             return None
         k = outcome.accepted
-        exclude = spec.tokens[k] if k < len(spec.tokens) else None
-        return count_above(g[k], outcome.token, exclude) + 1
+        key = (sid, k, outcome.token)
+        if key not in self._ranks:
+            self._fill_ranks([(sid, spec, outcome)])
+        return self._ranks[key]
+
+    def prefetch_ranks(self, items: Iterable[tuple[int, Speculation, Outcome]]) -> None:
+        """Work out the ranks :meth:`rank` will be asked for (those of proposed
+        speculations), with at most one read."""
+        self._fill_ranks([(sid, spec, o) for sid, spec, o in items if o.proposed])
+
+    def _fill_ranks(self, items: Iterable[tuple[int, Speculation, Outcome]]) -> None:
+        rows, tokens, excludes, keys = [], [], [], []
+        for sid, spec, outcome in items:
+            g = self.glue.get(sid)
+            k = outcome.accepted
+            key = (sid, k, outcome.token)
+            if g is None or key in self._ranks:
+                continue
+            exclude = spec.tokens[k] if k < len(spec.tokens) else None
+            c = self.cands.get(sid)
+            r = (
+                None
+                if c is None
+                else rank_from(c.vals[k], c.ids[k], outcome.token, exclude, c.complete)
+            )
+            if r is not None:
+                self._ranks[key] = r + 1
+            elif isinstance(g, np.ndarray):
+                self._ranks[key] = count_above(g[k], outcome.token, exclude) + 1
+            else:
+                rows.append(g[k])
+                tokens.append(outcome.token)
+                excludes.append(exclude)
+                keys.append(key)
+        for key, n in zip(keys, count_above_many(rows, tokens, excludes)):
+            self._ranks[key] = n + 1
 
 
 class TreeJob(Job):
@@ -724,6 +1073,7 @@ class TreeJob(Job):
         self.step = 0
         self._wanted: dict[int, tuple[int, int]] | None = None
         self._glue: dict[int, Any] = {}
+        self._cands: dict[int, Candidates] = {}
         self._draft: dict[int, DraftHandle] = {s.sid: s.draft for s in self.seqs}
         self.branches: list[Branch] = []
         self._sent: list[Branch] = []
@@ -786,22 +1136,7 @@ class TreeJob(Job):
         ctx = self.ctx
         if self.stage is TreeStage.GLUE:
             assert isinstance(request, Extend)
-            logits = check_logits(
-                result, request.rows, ctx.vocab_size, who=ctx.draft_name, what="glue pass"
-            )
-            xp = namespace(logits)
-            offset = 0
-            for s, start, (_, _, feed) in zip(self.seqs, self._fed_from, request.items):
-                d = self._draft[s.sid]
-                rows = dict(d.rows)
-                for j in range(len(feed)):
-                    rows[start + j] = logits[offset + j]
-                self._draft[s.sid] = DraftHandle(handle=d.handle, held=d.held, rows=rows)
-                offset += len(feed)
-                first = len(s.tokens) - 1
-                self._glue[s.sid] = xp.stack(
-                    [rows[p] for p in range(first, first + len(s.spec.tokens) + 1)]
-                )
+            self._receive_glue(request, result)
             self._plan_branches()
             self._goto(TreeEvent.GLUED if self.branches else TreeEvent.NO_BRANCHES)
         elif self.stage is TreeStage.FORK:
@@ -815,60 +1150,114 @@ class TreeJob(Job):
             self._goto(TreeEvent.FORKED)
         else:
             assert isinstance(request, Extend)
-            logits = check_logits(
-                result, request.rows, ctx.vocab_size, who=ctx.draft_name, what="tree decode"
-            )
-            # Only branches still wanted draw (a prune may have landed meanwhile).
-            wanted = self._wanted
-            keep = [
-                i
-                for i, b in enumerate(self._sent)
-                if wanted is None or wanted.get(b.sid) == (b.k, b.token)
-            ]
-            if keep:
-                xp = namespace(logits)
-                live = [self._sent[i] for i in keep]
-                rows = (
-                    logits
-                    if len(keep) == len(self._sent)
-                    else xp.take(logits, xp.asarray(keep, device=_device(logits)), axis=0)
-                )
-                by_sid = {s.sid: s for s in self.seqs}
-                drawn, q = _draft_tokens(
-                    ctx,
-                    rows,
-                    [by_sid[b.sid].params.effective_draft_temperature for b in live],
-                    [_at(by_sid[b.sid].saguaro_fan, self.step) for b in live],
-                    [
-                        (
-                            "tree",
-                            by_sid[b.sid].stream,
-                            by_sid[b.sid].round + 1,
-                            b.k,
-                            b.token,
-                            self.step,
-                        )
-                        for b in live
-                    ],
-                )
-                for i, b in enumerate(live):
-                    b.tokens.append(drawn[i])
-                    b.q.append(q[i])
-                    b.raw.append(rows[i])
+            self._receive_step(request, result)
             self.step += 1
             more = any(b.steps > self.step for b in self.branches if b.handle is not None)
             self._goto(TreeEvent.STEPPED if more else TreeEvent.COMPLETE)
+
+    def _receive_glue(self, request: Extend, logits: Any) -> None:
+        """Rows g_0..g_K per sequence; on a device, the top entries of all of them in
+        one ``topk`` and one read (candidates and ranks come from those)."""
+        ctx = self.ctx
+        flag = _validate(ctx, Lane.DRAFT, logits, request.rows, "glue pass", defer=True)
+        xp = namespace(logits)
+        offset = 0
+        glue_rows: list[Any] = []
+        for s, start, (_, _, feed) in zip(self.seqs, self._fed_from, request.items):
+            d = self._draft[s.sid]
+            rows = dict(d.rows)
+            for j in range(len(feed)):
+                rows[start + j] = logits[offset + j]
+            self._draft[s.sid] = DraftHandle(handle=d.handle, held=d.held, rows=rows)
+            offset += len(feed)
+            first = len(s.tokens) - 1
+            glue_rows.append([rows[p] for p in range(first, first + len(s.spec.tokens) + 1)])
+        if isinstance(logits, np.ndarray):
+            for s, g in zip(self.seqs, glue_rows):
+                self._glue[s.sid] = xp.stack(g)
+            return
+        stacked = xp.stack([r for g in glue_rows for r in g])
+        at = 0
+        for s, g in zip(self.seqs, glue_rows):
+            self._glue[s.sid] = stacked[at : at + len(g)]
+            at += len(g)
+        v = ctx.vocab_size
+        widest = max((f for s in self.seqs for f in s.fanout), default=0)
+        n = min(v, max(widest + 1, _RANK_FETCH) + _TIE_SLACK)
+        vals, ids = top_candidates(stacked, n)
+        vals_h, ids_h = _fetch_checked(ctx, Lane.DRAFT, "glue pass", [vals, ids], flag)
+        ids_h = ids_h.astype(np.int64)
+        at = 0
+        for s, g in zip(self.seqs, glue_rows):
+            sl = slice(at, at + len(g))
+            self._cands[s.sid] = Candidates(vals=vals_h[sl], ids=ids_h[sl], complete=n >= v)
+            at += len(g)
+
+    def _receive_step(self, request: Extend, logits: Any) -> None:
+        """One token per live branch; on a device, its draws and confidences in one read."""
+        ctx = self.ctx
+        uniforms = uniform_draws(ctx.source)
+        flag = _validate(
+            ctx, Lane.DRAFT, logits, request.rows, "tree decode", defer=uniforms is not None
+        )
+        # Only branches still wanted draw (a prune may have landed meanwhile).
+        wanted = self._wanted
+        keep = [
+            i
+            for i, b in enumerate(self._sent)
+            if wanted is None or wanted.get(b.sid) == (b.k, b.token)
+        ]
+        if not keep:
+            _fetch_checked(ctx, Lane.DRAFT, "tree decode", [], flag)
+            return
+        xp = namespace(logits)
+        live = [self._sent[i] for i in keep]
+        rows = _rows(xp, logits, keep)
+        by_sid = {s.sid: s for s in self.seqs}
+        temps = [by_sid[b.sid].params.effective_draft_temperature for b in live]
+        fans = [_at(by_sid[b.sid].saguaro_fan, self.step) for b in live]
+        keys: list[Key] = [
+            ("tree", by_sid[b.sid].stream, by_sid[b.sid].round + 1, b.k, b.token, self.step)
+            for b in live
+        ]
+        conf: list[float] | None = None
+        if uniforms is None:
+            drawn, q = _draft_tokens(ctx, rows, temps, fans, keys)
+        else:
+            draws = _Draws(ctx, rows, temps, fans, keys, uniforms)
+            parts = list(draws.parts)
+            on_device = not isinstance(rows, np.ndarray)
+            if on_device:  # read with the tokens, so a cache hit needs no read of its own
+                parts.append(confidence_rows(rows))
+            host = _fetch_checked(ctx, Lane.DRAFT, "tree decode", parts, flag)
+            if on_device:
+                conf = [float(c) for c in host.pop()]
+            drawn, q = draws.tokens(host), draws.q
+        for i, b in enumerate(live):
+            b.tokens.append(drawn[i])
+            b.q.append(q[i])
+            b.raw.append(rows[i])
+            if conf is not None and len(b.conf) == len(b.tokens) - 1:
+                b.conf.append(conf[i])
 
     def _plan_branches(self) -> None:
         wanted = self._wanted
         for s in self.seqs:
             g = self._glue[s.sid]
+            c = self._cands.get(s.sid)
             spec = s.spec.tokens
             for k in range(len(spec) + 1):
                 if s.fanout[k] <= 0 or s.steps[k] <= 0:
                     continue
                 exclude = spec[k] if k < len(spec) else None
-                for t in top_ids(g[k], s.fanout[k], exclude=exclude):
+                picked = (
+                    None
+                    if c is None
+                    else pick_top(c.vals[k], c.ids[k], s.fanout[k], exclude, c.complete)
+                )
+                if picked is None:  # host rows, or a tie wider than the read (rare)
+                    picked = top_ids(g[k], s.fanout[k], exclude=exclude)
+                for t in picked:
                     if wanted is not None and wanted.get(s.sid) != (k, t):
                         continue
                     context = s.tokens + spec[:k] + (t,)
@@ -881,7 +1270,15 @@ class TreeJob(Job):
         return [b.handle for b in self.branches if b.handle is not None]
 
     def result(self) -> TreeResult:
-        return TreeResult(glue=self._glue, draft=self._draft, branches=tuple(self.branches))
+        return TreeResult(
+            glue=self._glue, draft=self._draft, branches=tuple(self.branches), cands=self._cands
+        )
+
+
+#: Glue candidates read per row at least, so that the rank of the realised token (which
+#: the fan-out estimates use up to 32) usually comes from the host.
+_RANK_FETCH = 33
+_TIE_SLACK = 8
 
 
 def _at(values: tuple[int, ...], i: int) -> int:

@@ -893,6 +893,12 @@ class Machine:
         branches = tree.branches if tree is not None else ()
         used: set[int] = set()
         missed: list[Seq] = []
+        if tree is not None:  # every rank this round needs, with at most one device read
+            tree.prefetch_ranks(
+                (sid, s.spec or NO_SPECULATION, rnd.verified.outcomes[sid])
+                for sid in rnd.members
+                if (s := self._seqs[sid]).live
+            )
         for sid in rnd.members:
             s = self._seqs[sid]
             o = rnd.verified.outcomes[sid]
@@ -921,7 +927,11 @@ class Machine:
                         tokens=tuple(hit.tokens[:n]),
                         q=_stack(hit.q[:n]),
                         source="cache",
-                        conf=tuple(confidence(xp.stack(hit.raw[:n])))
+                        conf=(
+                            tuple(hit.conf[:n])
+                            if len(hit.conf) >= n
+                            else tuple(confidence(xp.stack(hit.raw[:n])))
+                        )
                         if self.config.adaptive
                         else (),
                     ),

@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 
 from ._errors import ConfigError
-from ._math import namespace
+from ._math import namespace, to_host
 
 __all__ = [
     "BIN_EDGES",
@@ -45,6 +45,7 @@ __all__ = [
     "CostModel",
     "choose_budget",
     "confidence",
+    "confidence_rows",
     "hit_curve",
     "keep_length",
     "predict_from",
@@ -147,15 +148,20 @@ def keep_length(
     return k
 
 
-def confidence(rows: Any) -> list[float]:
-    """The draft's confidence per row: the largest probability of its temperature-1
-    distribution (host floats; one exp pass per row, on the rows' device)."""
+def confidence_rows(rows: Any) -> Any:
+    """The draft's confidence per row -- the largest probability of its temperature-1
+    distribution -- as an array on the rows' device (one exp pass; nothing is read
+    back)."""
     xp = namespace(rows)
     z = xp.astype(rows, xp.float64) if not xp.isdtype(rows.dtype, "real floating") else rows
     top = xp.max(z, axis=1, keepdims=True)
     total = xp.sum(xp.exp(z - top), axis=1)
-    out = 1.0 / total
-    return [float(v) for v in (out.tolist() if hasattr(out, "tolist") else out)]
+    return 1.0 / total
+
+
+def confidence(rows: Any) -> list[float]:
+    """The draft's confidence per row (host floats; one host sync on a device)."""
+    return [float(v) for v in to_host(confidence_rows(rows)).tolist()]
 
 
 class Calibration:

@@ -15,13 +15,22 @@ instead, because the draws are requested at this level rather than as raw unifor
 
 Purposes: ``accept`` (position i of a verification), ``token`` (the recovery or bonus
 token), ``neural`` (a just-in-time draft token), ``tree`` (a tree-decode token).
+
+A fast path: a source that realises every draw from one uniform per key may say so by
+offering ``uniforms(keys)`` (:class:`SeededSource` does). The core then realises the
+draws itself, on the arrays' device -- a Bernoulli draw is ``u < p``, a categorical one
+the inverse CDF at ``u`` -- so a whole job's accept tests and samples need one upload
+of uniforms and one read of the outcomes instead of a host round trip per draw. The
+tokens are the same either way. Sources without it (the enumerating source, wrappers
+that change draws) get :meth:`RandomSource.bernoulli` and
+:meth:`RandomSource.categorical` calls, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import array_api_compat as compat
@@ -29,9 +38,17 @@ import attrs
 import numpy as np
 
 from ._errors import InternalError
-from ._math import namespace, to_host
+from ._math import namespace, to_host, upload
 
-__all__ = ["Key", "RandomSource", "SeededSource", "Stream", "sample_inverse_cdf"]
+__all__ = [
+    "Key",
+    "RandomSource",
+    "SeededSource",
+    "Stream",
+    "inverse_cdf",
+    "sample_inverse_cdf",
+    "uniform_draws",
+]
 
 #: Names one draw: ``(purpose, stream, round, ...)`` with ints and short strings after.
 Key = tuple[Hashable, ...]
@@ -60,6 +77,9 @@ class RandomSource(Protocol):
 
     Must: return one outcome per key; outcomes with zero probability never occur.
     May: realise the draws any way it likes (seeded uniforms, enumeration, replay).
+    May also offer ``uniforms(keys) -> list[float]`` (see the module docstring): then
+    the core draws ``u < p`` and the inverse CDF at ``u`` itself and calls neither
+    method below, so a source offering it must realise its draws exactly that way.
     """
 
     def bernoulli(self, keys: Sequence[Key], probs: Sequence[float]) -> list[bool]:
@@ -72,26 +92,41 @@ class RandomSource(Protocol):
         ...
 
 
-def sample_inverse_cdf(weights: Any, uniforms: Sequence[float]) -> list[int]:
-    """Draw row ``r``'s index by inverse CDF at ``uniforms[r]`` in ``[0, 1)``.
+def inverse_cdf(weights: Any, uniforms: Sequence[float] | Any) -> Any:
+    """Row ``r``'s index by inverse CDF at ``uniforms[r]`` in ``[0, 1)``, as an int64
+    array in the weights' namespace and on their device (nothing is read back).
 
-    Runs in the weights' namespace and on their device; only the ids come back.
-    A zero-weight entry is never returned.
+    The CDF is accumulated in float64 whatever the weights' dtype, so token ``t`` is
+    drawn with probability ``w_t / sum(w)`` up to float64 rounding. A zero-weight entry
+    is never returned. ``uniforms`` may be host floats (uploaded without blocking) or
+    a float64 array on the weights' device.
     """
     if isinstance(weights, np.ndarray):
-        return _inverse_cdf_numpy(weights, uniforms)
+        return np.asarray(_inverse_cdf_numpy(weights, list(uniforms)), dtype=np.int64)
     xp = namespace(weights)
     dev = compat.device(weights)
     n, v = weights.shape
-    cdf = xp.cumulative_sum(weights, axis=1)
+    u: Any = uniforms
+    if not hasattr(u, "shape"):
+        u = upload(np.asarray(uniforms, dtype=np.float64), weights)
+    cdf = xp.cumulative_sum(weights, axis=1, dtype=xp.float64)
     total = cdf[:, -1:]
-    u = xp.asarray(list(uniforms), dtype=weights.dtype, device=dev)[:, None]
-    idx = xp.sum(xp.astype(cdf <= u * total, xp.int64), axis=1)
+    idx = xp.sum(xp.astype(cdf <= u[:, None] * total, xp.int64), axis=1)
     # u * total can round up to total; then fall back to the last positive entry.
     cols = xp.arange(v, device=dev)
     last_pos = xp.max(xp.where(weights > 0, cols[None, :], xp.zeros_like(cols)[None, :]), axis=1)
-    idx = xp.minimum(idx, last_pos)
-    return [int(i) for i in to_host(idx)]
+    return xp.minimum(idx, last_pos)
+
+
+def sample_inverse_cdf(weights: Any, uniforms: Sequence[float]) -> list[int]:
+    """Draw row ``r``'s index by inverse CDF at ``uniforms[r]`` in ``[0, 1)``.
+
+    Runs in the weights' namespace and on their device; only the ids come back (one
+    host sync on a device). A zero-weight entry is never returned.
+    """
+    if isinstance(weights, np.ndarray):
+        return _inverse_cdf_numpy(weights, uniforms)
+    return [int(i) for i in to_host(inverse_cdf(weights, uniforms))]
 
 
 _BLOCK = 512
@@ -173,6 +208,10 @@ class SeededSource:
         digest = hashlib.blake2b(repr(key).encode(), key=salt, digest_size=8).digest()
         return (int.from_bytes(digest, "little") >> 11) * (1.0 / (1 << 53))
 
+    def uniforms(self, keys: Sequence[Key]) -> list[float]:
+        """The uniforms of ``keys``: the fast path (see the module docstring)."""
+        return [self.uniform(k) for k in keys]
+
     def bernoulli(self, keys: Sequence[Key], probs: Sequence[float]) -> list[bool]:
         return [self.uniform(k) < p for k, p in zip(keys, probs)]
 
@@ -183,6 +222,24 @@ class SeededSource:
 
     def __repr__(self) -> str:
         return f"SeededSource(seed={self.seed})"
+
+
+def uniform_draws(source: Any) -> Callable[[Sequence[Key]], list[float]] | None:
+    """The source's ``uniforms`` when the core may realise its draws itself, else
+    ``None``. A :class:`SeededSource` subclass that overrides ``bernoulli`` or
+    ``categorical`` (and not ``uniforms``) changed how its draws are realised: it gets
+    the protocol calls."""
+    fn = getattr(source, "uniforms", None)
+    if not callable(fn):
+        return None
+    if isinstance(source, SeededSource):
+        cls = type(source)
+        if cls.uniforms is SeededSource.uniforms and (
+            cls.bernoulli is not SeededSource.bernoulli
+            or cls.categorical is not SeededSource.categorical
+        ):
+            return None
+    return fn  # type: ignore[no-any-return]
 
 
 def host_rows(weights: Any) -> np.ndarray:

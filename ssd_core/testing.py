@@ -23,7 +23,9 @@ small documented surface, so no test and no part of ``conformance`` reaches into
   name is drawn twice;
 * the math itself, for unit tests: :func:`target_probs`, :func:`draft_weights`,
   :func:`accept_probabilities`, :func:`residual_weights`, :func:`check_logits`, :func:`top_ids`,
-  :func:`count_above`, :func:`sample_inverse_cdf`, :func:`to_numpy`;
+  :func:`count_above`, :func:`sample_inverse_cdf`, :func:`to_numpy`; and the device
+  side of it (docs/gpu.md): :func:`inverse_cdf`, :func:`move_like`, :func:`fetch`,
+  :func:`top_candidates`, :func:`pick_top`, :func:`rank_from`, :func:`uniform_draws`;
 * :data:`TREE_TRANSITIONS`, the tree job's stage table (with the sequence and machine
   tables exported from :mod:`ssd_core`).
 """
@@ -39,12 +41,17 @@ from ._math import (
     check_logits,
     count_above,
     draft_weights,
+    fetch,
+    move_like,
+    pick_top,
+    rank_from,
     residual_weights,
     target_probs,
+    top_candidates,
     top_ids,
 )
 from ._math import to_host as to_numpy
-from ._random import sample_inverse_cdf
+from ._random import inverse_cdf, sample_inverse_cdf, uniform_draws
 from ._requests import Close, Extend, Fork, Lane, Open, Purpose, Request, perform
 from ._sequence import Outcome
 
@@ -65,12 +72,19 @@ __all__ = [
     "check_logits",
     "count_above",
     "draft_weights",
+    "fetch",
+    "inverse_cdf",
+    "move_like",
     "perform",
+    "pick_top",
+    "rank_from",
     "residual_weights",
     "sample_inverse_cdf",
     "target_probs",
     "to_numpy",
+    "top_candidates",
     "top_ids",
+    "uniform_draws",
     "using_ops",
 ]
 
