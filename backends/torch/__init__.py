@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ._counters import CopyCounter, HostSyncCounter, count_copies, count_host_syncs
     from ._device import Placement, ready_event
     from ._llama import LLAMA_1B, LLAMA_8B, LlamaShape, PlainLlama
-    from ._model import TorchModel
+    from ._model import TorchModel, load_pretrained
     from ._pool import KVPool, Stats
     from ._runners import PLAIN_FORWARD_DOC
     from ._tiny import TinyTransformer
@@ -70,6 +70,7 @@ __all__ = [
     "bundled_smollm2",
     "count_copies",
     "count_host_syncs",
+    "load_pretrained",
     "ready_event",
 ]
 
@@ -88,6 +89,7 @@ _LAZY = {
     "LlamaShape": "_llama",
     "PlainLlama": "_llama",
     "TorchModel": "_model",
+    "load_pretrained": "_model",
     "KVPool": "_pool",
     "Stats": "_pool",
     "PLAIN_FORWARD_DOC": "_runners",

@@ -151,6 +151,78 @@ def _check_hf_attention(module: Any) -> int | None:
     return int(window) if window and uses else None
 
 
+def load_pretrained(
+    path: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype | None = "float32",
+    device_map: Any = None,
+    load_tokenizer: bool = True,
+    tokenizer: str | None = None,
+    keep_layers: int | None = None,
+    progress_bars: bool | None = None,
+) -> tuple[Any, HFTokenizer | None, str]:
+    """Load a local transformers model folder or GGUF file and its tokenizer (never the
+    hub), logging each slow step at INFO level; what :meth:`TorchModel.from_pretrained`
+    wraps, and what ``ssd export-onnx`` reads its source with.
+
+    Args: as :meth:`TorchModel.from_pretrained`.
+
+    Returns:
+        ``(the transformers model in eval mode on the CPU (or spread by device_map),
+        its tokenizer or None, a name for it)``.
+
+    Raises:
+        ConfigError: the path does not exist, transformers cannot load it, or the
+            ``tokenizer`` given cannot be read.
+    """
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from ._gguf import fast_gguf
+
+    if os.path.isfile(path) and path.endswith(".gguf") and gguf_file is None:
+        path, gguf_file = os.path.split(os.path.abspath(path))
+    where = path if gguf_file is None else os.path.join(path, gguf_file)
+    if not os.path.exists(where):
+        raise ConfigError(f"torch backend: no model at {path!r} (gguf_file={gguf_file!r})")
+    extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if dtype is not None:
+        extra[_dtype_keyword()] = parse_dtype(dtype)
+    if device_map is not None:
+        extra["device_map"] = device_map
+    t0 = time.perf_counter()
+    with fast_gguf(), _transformers_progress(progress_bars):
+        log.info("torch backend: loading %s (%s)", where, "GGUF" if gguf_file else "folder")
+        try:
+            module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **extra)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"torch backend: cannot load {path!r}: {exc}") from exc
+        log.info(
+            "torch backend: weights of %s read%s in %.1f s (%s)",
+            os.path.basename(where),
+            " and dequantised" if gguf_file else "",
+            time.perf_counter() - t0,
+            str(next(module.parameters()).dtype).replace("torch.", ""),
+        )
+        if keep_layers is not None:
+            _prune_layers(module, keep_layers)
+        tok = None
+        t1 = time.perf_counter()
+        if tokenizer is not None:
+            tok = load_hf_tokenizer(tokenizer, owner="torch backend")
+        elif load_tokenizer:
+            try:
+                tok = load_hf_tokenizer(where, owner="torch backend")
+            except ConfigError as exc:
+                log.warning("%s", exc)
+        if tok is not None:
+            log.info("torch backend: tokenizer read in %.1f s", time.perf_counter() - t1)
+    module.eval()
+    return module, tok, os.path.basename(gguf_file or path.rstrip("/"))
+
+
 class TorchModel:
     """A PyTorch causal LM (Hugging Face or plain module) as an :class:`ssd_core.Model`.
 
@@ -328,6 +400,9 @@ class TorchModel:
             tokenizer, "convert_ids_to_tokens"
         ):  # a transformers tokenizer
             tokenizer = HFTokenizer(tokenizer, extra)
+        elif isinstance(tokenizer, HFTokenizer) and set(extra) - set(tokenizer.eos_token_ids):
+            # the model's generation_config may name more end ids than the tokenizer
+            tokenizer = HFTokenizer(tokenizer.hf, [*tokenizer.eos_token_ids, *extra])
         return cls(
             runner,
             network=module,
@@ -387,50 +462,17 @@ class TorchModel:
             ConfigError: the path does not exist, transformers cannot load it, or the
                 ``tokenizer`` given cannot be read.
         """
-        import time
-
-        from transformers import AutoModelForCausalLM
-
-        from ._gguf import fast_gguf
-
-        if os.path.isfile(path) and path.endswith(".gguf") and gguf_file is None:
-            path, gguf_file = os.path.split(os.path.abspath(path))
-        where = path if gguf_file is None else os.path.join(path, gguf_file)
-        if not os.path.exists(where):
-            raise ConfigError(f"torch backend: no model at {path!r} (gguf_file={gguf_file!r})")
-        extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        if dtype is not None:
-            extra[_dtype_keyword()] = parse_dtype(dtype)
-        if device_map is not None:
-            extra["device_map"] = device_map
-        t0 = time.perf_counter()
-        with fast_gguf(), _transformers_progress(progress_bars):
-            log.info("torch backend: loading %s (%s)", where, "GGUF" if gguf_file else "folder")
-            try:
-                module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **extra)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"torch backend: cannot load {path!r}: {exc}") from exc
-            log.info(
-                "torch backend: weights of %s read%s in %.1f s (%s)",
-                os.path.basename(where),
-                " and dequantised" if gguf_file else "",
-                time.perf_counter() - t0,
-                str(next(module.parameters()).dtype).replace("torch.", ""),
-            )
-            if keep_layers is not None:
-                _prune_layers(module, keep_layers)
-            tok = None
-            t1 = time.perf_counter()
-            if tokenizer is not None:
-                tok = load_hf_tokenizer(tokenizer, owner="torch backend")
-            elif load_tokenizer:
-                try:
-                    tok = load_hf_tokenizer(where, owner="torch backend")
-                except ConfigError as exc:
-                    log.warning("%s", exc)
-            if tok is not None:
-                log.info("torch backend: tokenizer read in %.1f s", time.perf_counter() - t1)
-        kwargs.setdefault("name", os.path.basename(gguf_file or path.rstrip("/")))
+        module, tok, name = load_pretrained(
+            path,
+            gguf_file=gguf_file,
+            dtype=dtype,
+            device_map=device_map,
+            load_tokenizer=load_tokenizer,
+            tokenizer=tokenizer,
+            keep_layers=keep_layers,
+            progress_bars=progress_bars,
+        )
+        kwargs.setdefault("name", name)
         if device_map is not None:
             return cls.from_module(module, device=None, dtype=None, tokenizer=tok, **kwargs)
         return cls.from_module(module, device=device, dtype=dtype, tokenizer=tok, **kwargs)
