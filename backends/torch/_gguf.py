@@ -53,19 +53,21 @@ def fast_gguf() -> Iterator[None]:
     """Within the block, transformers' GGUF loading parses each file once (see module
     docstring). Re-entrant; thread-safe (loads inside the block are serialised)."""
     try:
-        import gguf
+        import gguf as gguf_module
         import numpy as np
-        import transformers.modeling_gguf_pytorch_utils as mg
+        import transformers.modeling_gguf_pytorch_utils as mg_module
     except ImportError:  # nothing to speed up: transformers will say what is missing
         yield
         return
+    gguf: Any = gguf_module  # patched below: typed loosely on purpose
+    mg: Any = mg_module
     with _LOCK:
         if getattr(gguf.GGUFReader, "_ssd_fast", False):  # already inside a block
             yield
             return
         base_reader = gguf.GGUFReader
         base_map = getattr(gguf, "get_tensor_name_map", None)
-        base_load = getattr(mg, "load_gguf_checkpoint", None)
+        base_load: Any = getattr(mg, "load_gguf_checkpoint", None)
         cache: dict[tuple[str, int, int], Any] = {}
         metadata: dict[tuple[str, int, int], Any] = {}
 
@@ -74,7 +76,9 @@ def fast_gguf() -> Iterator[None]:
 
             _ssd_fast = True
 
-            def __new__(cls, path: Any, mode: str = "r") -> Any:
+            _ssd_ready: bool
+
+            def __new__(cls, path: Any, mode: Any = "r") -> Any:
                 if mode != "r":  # a writer: the real class, untouched
                     return base_reader(path, mode)
                 key = _file_key(path)
@@ -84,7 +88,7 @@ def fast_gguf() -> Iterator[None]:
                     cache[key] = obj
                 return cache[key]
 
-            def __init__(self, path: Any, mode: str = "r") -> None:
+            def __init__(self, path: Any, mode: Any = "r") -> None:
                 if not self._ssd_ready:
                     super().__init__(path, mode)
                     self._ssd_ready = True
@@ -99,10 +103,10 @@ def fast_gguf() -> Iterator[None]:
 
         def load(path: Any, return_tensors: bool = False, *args: Any, **kwargs: Any) -> Any:
             if return_tensors or args or kwargs.get("model_to_load") is not None:
-                return base_load(path, return_tensors, *args, **kwargs)  # type: ignore[misc]
+                return base_load(path, return_tensors, *args, **kwargs)
             key = _file_key(path)
             if key not in metadata:
-                metadata[key] = base_load(path, return_tensors=False)  # type: ignore[misc]
+                metadata[key] = base_load(path, return_tensors=False)
             return copy.deepcopy(metadata[key])
 
         gguf.GGUFReader = _Reader
