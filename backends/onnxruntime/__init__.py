@@ -6,10 +6,13 @@ convention (``input_ids``, ``attention_mask``, ``position_ids``,
 ``docs/onnxruntime.md``). The CUDA execution provider is used when it really loads,
 the CPU provider otherwise; ``model.provider`` says which.
 
-Model specs for the CLI: ``onnxruntime:PATH`` or
-``onnxruntime:path=PATH,batching=padded,threads=2,context=256,providers=CPUExecutionProvider``;
-``onnxruntime:tiny-target`` / ``tiny-draft`` (the defaults) export the tiny random test
-pair to a temporary folder on first use (needs torch and onnx).
+Model specs for the CLI: ``onnxruntime:PATH`` (an ``.onnx`` file or a folder holding
+one) or
+``onnxruntime:path=PATH,batching=padded,threads=2,context=256,providers=CPUExecutionProvider,tokenizer=DIR``;
+``onnxruntime:tiny-target`` (the default target) / ``tiny-draft`` export the tiny
+random test pair to a temporary folder on first use (needs torch and onnx). The default
+draft is the n-gram draft. Text prompts need a tokenizer: the files ``ssd export-onnx``
+writes beside the graph, or ``tokenizer=PATH``.
 
 This package imports ``onnxruntime`` (the real one: imports here are absolute, and the
 package's full name is ``backends.onnxruntime``); ``torch``/``onnx`` only in the exporter.
@@ -38,7 +41,8 @@ from ._export import (
     from_hf_llama,
 )
 from ._model import BATCHING, OrtModel
-from ._providers import CPU, CUDA, ProviderChoice, create_session
+from ._pretrained import ExportReport, export_pretrained
+from ._providers import CPU, CUDA, ProviderChoice, create_session, cuda_load_error
 from ._signature import GraphSignature, read_signature
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "BUILTIN",
     "CPU",
     "CUDA",
+    "ExportReport",
     "MAX_IR_VERSION",
     "OPSET",
     "GraphSignature",
@@ -54,7 +59,9 @@ __all__ = [
     "ProviderChoice",
     "build_tiny_llama",
     "create_session",
+    "cuda_load_error",
     "export_module",
+    "export_pretrained",
     "export_test_pair",
     "export_tiny_llama",
     "from_hf_llama",
@@ -75,15 +82,17 @@ _KEYS = {
     "providers": ("providers", plus_list),
     "io_binding": ("io_binding", flag),
     "spinning": ("spinning", flag),
+    "tokenizer": ("tokenizer", str),
 }
 
 
 def parse_spec(args: str) -> dict[str, Any]:
     """Parse ``PATH`` or ``path=PATH,key=value,...`` into :meth:`OrtModel.from_file` arguments.
 
-    Keys: ``path``, ``threads``, ``context``, ``vocab``, ``max_handles``, ``batching``,
-    ``name``, ``providers`` (``+``-separated provider names), ``io_binding`` and
-    ``spinning`` (0/1).
+    Keys: ``path`` (an ``.onnx`` file or a folder holding one), ``threads``, ``context``,
+    ``vocab``, ``max_handles``, ``batching``, ``name``, ``providers`` (``+``-separated
+    provider names), ``io_binding`` and ``spinning`` (0/1), ``tokenizer`` (a folder with
+    tokenizer files or a GGUF file; default: the files beside the graph, if any).
 
     Raises:
         ConfigError: an unknown key, a bad value, or no path.
@@ -134,6 +143,7 @@ def _load(args: str, options: Mapping[str, Any]) -> OrtModel:
         kw.setdefault("context_size", int(options["n_ctx"]))
     if options.get("device") is not None and "providers" not in kw:
         kw["providers"] = _device_providers(str(options["device"]))
+    kw["engine_logs"] = bool(options.get("verbose", False))
     path = kw.pop("path")
     return OrtModel.from_file(path, **kw)
 
@@ -142,7 +152,9 @@ BACKEND = BackendSpec(
     name="onnxruntime",
     load=_load,
     default_target="onnxruntime:tiny-target",
-    default_draft="onnxruntime:tiny-draft",
+    # the n-gram draft has the target's vocabulary whatever graph the target is (the
+    # tiny pair's draft only fits the tiny target: -md onnxruntime:tiny-draft)
+    default_draft="ngram:max_n=3,alpha=1e-8",
     description="decoder-only ONNX graphs with a KV cache on onnxruntime (CUDA provider, CPU fallback)",
     conformance_target="onnxruntime:tiny-target",
 )

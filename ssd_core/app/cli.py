@@ -1,4 +1,5 @@
-"""The ``ssd`` command: ``ssd generate``, ``ssd chat``, ``ssd bench``, ``ssd backends``.
+"""The ``ssd`` command: ``ssd generate``, ``ssd chat``, ``ssd bench``, ``ssd serve``,
+``ssd export-onnx``, ``ssd backends``.
 
 Backends are found by name through :func:`ssd_core.app.load_backend`; a model spec is
 ``NAME:ARGS`` for any installed backend (``reference:vocab=64,order=2,seed=1``,
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(sub)
     add_bench_parser(sub)
     add_serve_parser(sub)
+    add_export_onnx_parser(sub)
     add_backends_parser(sub)
     return parser
 
@@ -251,6 +253,56 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p = new_command(sub, "serve", help="an OpenAI-compatible HTTP server (docs/serving.md)")
     add_serve_args(p)
     p.set_defaults(func=run_serve)
+    return p
+
+
+# -- ssd export-onnx -----------------------------------------------------------------
+
+
+def add_export_onnx_parser(sub: Any) -> argparse.ArgumentParser:
+    from .export import DTYPES
+
+    p = new_command(
+        sub,
+        "export-onnx",
+        help="export a Hugging Face folder, a GGUF file or smollm2 to ONNX, with its tokenizer",
+        description="Export a Llama-family model (Llama 1-3, Qwen2, SmolLM2, ...) to an ONNX\n"
+        "graph with a KV cache and save its tokenizer beside it, so that\n"
+        '`ssd generate --backend onnxruntime -m OUT "text"` takes text. Needs torch,\n'
+        "transformers and onnx (gguf for GGUF sources). See docs/onnxruntime.md.",
+        epilog="examples:\n"
+        "  ssd export-onnx smollm2 smollm2-onnx              # the bundled SmolLM2-135M\n"
+        "  ssd export-onnx /models/llama-3.2-1b llama.onnx --dtype float16\n"
+        "  ssd export-onnx model.Q4_K_M.gguf out --check 64  # compare with transformers",
+    )
+    p.add_argument(
+        "src", metavar="SRC", help="a transformers model folder, a .gguf file, or smollm2"
+    )
+    p.add_argument(
+        "out",
+        metavar="OUT",
+        help="a .onnx path, or a folder (OUT/model.onnx); the tokenizer files go beside it",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="the graph's dtype")
+    p.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compare the graph's logits with transformers' over N positions; 0 skips it",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing .onnx file")
+    p.add_argument("-t", "--threads", type=int, metavar="N", help="torch and onnxruntime threads")
+    p.add_argument(
+        "--json", action="store_true", help="print the report as one JSON object; no progress"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from .export import run_export
+
+        return run_export(args)
+
+    p.set_defaults(func=run)
     return p
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +17,30 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 pytest.importorskip("torch")  # the fixtures are exported from torch
 
-from backends.onnxruntime import CPU, CUDA, OrtModel, create_session  # noqa: E402
+from backends.onnxruntime import (  # noqa: E402
+    CPU,
+    CUDA,
+    OrtModel,
+    _providers,  # noqa: E402
+    create_session,
+    cuda_load_error,
+)
 from backends.onnxruntime._runner import BoundRunner, PlainRunner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fallback_memory():
+    """Each test starts as a fresh process would: no fallback seen or reported yet."""
+    saved = (set(_providers._cuda_failed), set(_providers._reported))
+    _providers._cuda_failed.clear()
+    _providers._reported.clear()
+    yield
+    _providers._cuda_failed.clear()
+    _providers._reported.clear()
+    _providers._cuda_failed.update(saved[0])
+    _providers._reported.update(saved[1])
 
 
 class FallbackSession:
@@ -49,7 +75,10 @@ def test_cuda_listed_but_not_loadable_falls_back_to_cpu(onnx_files, caplog):
     assert made[0].asked == [CUDA, CPU]  # CUDA was tried first
     assert m.provider == CPU
     assert m.providers.requested == (CUDA, CPU) and m.providers.fell_back
-    assert "asked for CUDAExecutionProvider" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "the CUDA provider could not be used" in warnings[0].getMessage()
+    assert "running on the CPU" in warnings[0].getMessage()
     assert not m.io_binding and isinstance(m._run, PlainRunner) and m.batching == "padded"
     h = m.open([1, 2])
     assert m.extend([(h, [3])]).shape == (1, m.vocab_size)
@@ -134,3 +163,72 @@ def test_spinning_and_threads_options_reach_the_session(onnx_files):
         onnx_files["target"], providers=[CPU], threads=1, spinning=False, session_factory=factory
     )
     assert seen == {"threads": 1, "spin": "0"}
+
+
+def test_a_fallback_is_reported_once_and_not_retried(onnx_files, caplog):
+    made = []
+
+    def factory(path, providers, sess_options=None):
+        made.append(FallbackSession(path, providers, sess_options))
+        return made[-1]
+
+    with caplog.at_level(logging.INFO, logger="backends.onnxruntime"):
+        a = OrtModel.from_file(
+            onnx_files["target"], available=lambda: [CUDA, CPU], session_factory=factory
+        )
+        b = OrtModel.from_file(
+            onnx_files["draft"], available=lambda: [CUDA, CPU], session_factory=factory
+        )
+        # an explicit request still tries CUDA, and is not reported twice either
+        c = OrtModel.from_file(
+            onnx_files["draft"], available=lambda: [CUDA, CPU], session_factory=factory,
+            providers=[CUDA, CPU],
+        )  # fmt: skip
+    assert [s.asked for s in made] == [[CUDA, CPU], [CPU], [CUDA, CPU]]
+    assert a.provider == b.provider == c.provider == CPU
+    assert not b.providers.fell_back  # it asked for the CPU only
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_onnxruntimes_own_log_is_held_back_while_the_session_is_made(onnx_files, monkeypatch):
+    levels = []
+    monkeypatch.setattr(onnxruntime, "set_default_logger_severity", levels.append)
+
+    def factory(path, providers, sess_options=None):
+        levels.append("session")
+        return FallbackSession(path, providers, sess_options)
+
+    OrtModel.from_file(onnx_files["target"], available=lambda: [CUDA, CPU], session_factory=factory)
+    assert levels == [4, "session", 2]  # fatal only while CUDA is tried, then the default
+    levels.clear()
+    OrtModel.from_file(
+        onnx_files["target"], available=lambda: [CUDA, CPU], session_factory=factory,
+        providers=[CUDA, CPU], engine_logs=True,
+    )  # fmt: skip
+    assert levels == ["session"]  # -v: onnxruntime speaks for itself
+    levels.clear()
+    OrtModel.from_file(onnx_files["target"], providers=[CPU], session_factory=factory)
+    assert levels == ["session"]  # nothing to hide on the CPU provider
+
+
+@pytest.mark.skipif(
+    CUDA not in onnxruntime.get_available_providers() or cuda_load_error() is None,
+    reason="needs onnxruntime-gpu whose CUDA provider cannot load (as on CPU-only machines)",
+)
+def test_real_cuda_failure_costs_one_line_on_stderr():
+    # without --device: onnxruntime-gpu lists CUDA, the session falls back to the CPU
+    out = subprocess.run(
+        [sys.executable, "-m", "ssd_core.app.cli", "generate", "--backend", "onnxruntime"]
+        + ["-n", "3", "-t", "1", "1 2 3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "[E:onnxruntime" not in out.stderr and "[W:onnxruntime" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if "CUDA" in line]
+    assert len(lines) == 1, out.stderr
+    assert "running on the CPU" in lines[0] and cuda_load_error().split(":")[0] in lines[0]
+    assert len(out.stdout.split()) == 3

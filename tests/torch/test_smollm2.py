@@ -52,7 +52,10 @@ def test_paris(smol):
     h = smol.open(ids[:-1])
     logits = smol.extend([(h, ids[-1:])])
     assert tok.decode([int(logits[-1].argmax())]) == " Paris"
-    assert 2 in tok.eos_token_ids
+    # <|endoftext|>, <|im_end|>, <reponame>: what llama.cpp's llama_vocab_is_eog gives
+    # for this file (backends.llama_cpp's tokenizer, measured), so replies end and are
+    # rendered the same way on both backends
+    assert tok.eos_token_ids == (0, 2, 4)
 
 
 def test_cached_decode_matches_full_forward(smol):
