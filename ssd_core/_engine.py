@@ -38,7 +38,7 @@ from typing import Any
 import attrs
 
 from ._config import MODES, SamplingParams, SSDConfig, check_int, check_seed, stop_ids_for
-from ._drivers import DRIVERS, SimulatedClock, WorkerExecutor, call
+from ._drivers import DRIVERS, Backend, SimulatedClock, WorkerExecutor
 from ._errors import (
     ConfigError,
     EngineClosedError,
@@ -51,7 +51,7 @@ from ._errors import (
 from ._jobs import Job
 from ._machine import Finished, Machine, MachineState, TokensCommitted
 from ._metrics import Metrics, RequestMetrics
-from ._protocol import Model, model_lock
+from ._protocol import Model
 from ._random import RandomSource, SeededSource, Stream
 from ._requests import Fork, Lane, Open
 from ._sequence import Stage
@@ -73,6 +73,11 @@ DRAFT_ERRORS = ("degrade", "raise")
 
 #: How often a blocked waiter wakes to let Ctrl-C through (seconds).
 _POLL_S = 0.1
+
+#: How long a caller interrupted by Ctrl-C waits for the engine to stop before the
+#: KeyboardInterrupt goes on (seconds); the engine thread finishes the cleanup later,
+#: when a backend call still running has returned.
+INTERRUPT_WAIT_S = 0.5
 
 
 @attrs.frozen(kw_only=True)
@@ -444,10 +449,24 @@ class Engine:
         self.driver = driver
         self.draft_timeout = _timeout("draft_timeout", draft_timeout)
         self.target_timeout = _timeout("target_timeout", target_timeout)
+        if driver != "threaded" and (self.draft_timeout or self.target_timeout):
+            raise ConfigError(
+                "draft_timeout and target_timeout need driver='threaded' (the other drivers "
+                f"call the models on the engine's own thread), got driver={driver!r}"
+            )
         self.tokenizer = getattr(target, "tokenizer", None)
         self._models: dict[Lane, Model] = {Lane.TARGET: target}
         if mode != "ar" and draft is not None:
             self._models[Lane.DRAFT] = draft
+        #: One Backend per model object (shared by both lanes when target is draft):
+        #: its lock, the ledger of the handles it gave out, its logits' array type.
+        self._backends: dict[Lane, Backend] = {Lane.TARGET: Backend(target)}
+        if Lane.DRAFT in self._models:
+            self._backends[Lane.DRAFT] = (
+                self._backends[Lane.TARGET]
+                if draft is target
+                else Backend(self._models[Lane.DRAFT])
+            )
         self._draft_budget = config.draft_handles_per_sequence(mode)
         self._custom_source = source is not None
         self._machine = Machine(
@@ -484,6 +503,8 @@ class Engine:
         self._virtual_now: float | None = None
         self._stuck: set[Lane] = set()
         self._start_lock = threading.Lock()
+        self._workers: dict[int, WorkerExecutor] = {}
+        self._by_lane: dict[Lane, WorkerExecutor] = {}
 
     # -- public -----------------------------------------------------------------------
 
@@ -571,18 +592,36 @@ class Engine:
             self._closed = True
             return
         self._post(("close",))
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if threading.current_thread() is self._thread:
+            return  # called from an on_event callback: the engine stops after this round
+        if not self._join(timeout) and timeout != 0:
             log.warning(
-                "engine: a backend call is still running; its handles will be released "
-                "when it returns"
+                "engine: a backend call is still running after %s s; the engine's thread "
+                "releases its handles when it returns",
+                timeout,
             )
+
+    def _join(self, timeout: float | None) -> bool:
+        """Wait for the engine thread in short slices (so Ctrl-C is never held up);
+        returns whether it ended."""
+        thread = self._thread
+        if thread is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread.is_alive():
+            left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            thread.join(left)
+        return not thread.is_alive()
 
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Ctrl-C inside the block: stop what runs, but give control back promptly.
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close(timeout=INTERRUPT_WAIT_S if interrupted else None)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -633,6 +672,8 @@ class Engine:
             with self._start_lock:
                 if self._thread is None and not self._closed:
                     self._t0 = time.perf_counter()
+                    if self.driver == "threaded":
+                        self._start_workers()  # every thread exists once submit returns
                     self._thread = threading.Thread(
                         target=self._serve, name="ssd-engine", daemon=True
                     )
@@ -775,6 +816,9 @@ class Engine:
         with self._lock:
             self._machine.fault(lane, exc)  # raises unless the draft lane was dropped
             self._publish()
+        # The draft lane is lost: its handles go now (a stuck one's when its call ends).
+        if lane is Lane.DRAFT and lane not in self._stuck:
+            self._backends[lane].close(lane)
 
     def _drive_sequential(self) -> None:
         m = self._machine
@@ -789,7 +833,7 @@ class Engine:
                 if req is None:
                     continue
                 try:
-                    result, elapsed = call(self._models[lane], req)
+                    result, elapsed = self._backends[lane].call(req)
                 except Exception as exc:
                     self._lane_fault(lane, exc)
                     break
@@ -820,7 +864,7 @@ class Engine:
                 with self._lock:
                     req = m.next_request(lane)
                 if req is not None:
-                    clock.start(lane, self._models[lane], req)
+                    clock.start(lane, self._backends[lane], req)
                     busy.add(lane)
             if not clock:
                 if not m.idle:
@@ -840,17 +884,23 @@ class Engine:
                 m.deliver(req, result, cost)
                 self._publish()
 
+    def _start_workers(self) -> None:
+        """One worker thread per model (one for both lanes when target is draft)."""
+        workers: dict[int, WorkerExecutor] = {}
+        by_lane: dict[Lane, WorkerExecutor] = {}
+        for lane in (Lane.DRAFT, Lane.TARGET):
+            backend = self._backends.get(lane)
+            if backend is None:
+                continue
+            if id(backend) not in workers:
+                workers[id(backend)] = WorkerExecutor(backend, self._wake, f"ssd-{lane.value}")
+            by_lane[lane] = workers[id(backend)]
+        self._workers, self._by_lane = workers, by_lane
+
     def _drive_threaded(self) -> None:
         m = self._machine
         lanes = [lane for lane in (Lane.DRAFT, Lane.TARGET) if lane in self._models]
-        workers: dict[int, WorkerExecutor] = {}
-        self._workers = workers
-        by_lane: dict[Lane, WorkerExecutor] = {}
-        for lane in lanes:
-            model = self._models[lane]
-            if id(model) not in workers:
-                workers[id(model)] = WorkerExecutor(model, self._wake, f"ssd-{lane.value}")
-            by_lane[lane] = workers[id(model)]
+        by_lane = self._by_lane
         running: dict[Lane, Job] = {}
         self._running = running
         while True:
@@ -923,14 +973,27 @@ class Engine:
             started = ex.call_started
             if limit is None or not started or now - started < limit:
                 continue
-            ex.abandoned = True
-            self._stuck.add(lane)
+            # Give up on the call: the worker closes this model's handles once it
+            # returns (never under it) and ends; the engine does not wait for it.
+            backend = self._backends[lane]
+            ex.abandon(then=backend.close_all)
             del running[lane]
-            name = getattr(self._models[lane], "name", lane.value)
+            shared = [ln for ln in self._backends if self._backends[ln] is backend]
+            self._stuck.update(shared)
+            name = backend.name
             if lane is Lane.TARGET:
                 self._lane_fault(
                     lane,
                     LaneTimeoutError(f"the target ({name}) did not answer within {limit} s"),
+                )
+            elif len(shared) > 1:
+                # The draft is the target: there is no lane left to degrade to.
+                self._lane_fault(
+                    Lane.TARGET,
+                    LaneTimeoutError(
+                        f"the draft ({name}), which is also the target, did not answer "
+                        f"within {limit} s"
+                    ),
                 )
             else:
                 self._lane_fault(
@@ -957,25 +1020,17 @@ class Engine:
             self._open.clear()
 
     def _close_stray(self, lane: Lane, req: Any, result: Any) -> None:
+        """A result of a lane that was dropped meanwhile: close what it made."""
         if isinstance(req, (Open, Fork)) and result and lane not in self._stuck:
-            self._close_quietly(lane, tuple(result))
-
-    def _close_quietly(self, lane: Lane, handles: Sequence[Any]) -> None:
-        model = self._models.get(lane)
-        if model is None or not handles:
-            return
-        with model_lock(model):
-            for h in handles:
-                try:
-                    model.close(h)
-                except Exception as exc:  # the backend is broken: say so, keep going
-                    log.warning("closing %s handle %r failed: %r", lane.value, h, exc)
+            self._backends[lane].close(lane, tuple(result))
 
     def _cleanup(self) -> None:
         """Wait for work still running (never close a handle under a live call), then
-        close every handle the machine holds, and stop the workers."""
+        close every handle the models gave this engine -- each exactly once, from the
+        backends' ledgers -- and stop the workers. A stuck model's worker does the same
+        for its model when its call returns."""
         running: dict[Lane, Job] = getattr(self, "_running", {})
-        workers: dict[int, WorkerExecutor] = getattr(self, "_workers", {})
+        workers = self._workers
         while any(lane not in self._stuck for lane in running):
             msg = self._wake.get()
             if msg[0] == "done" and running.get(msg[1]) is msg[2]:
@@ -983,15 +1038,9 @@ class Engine:
             elif msg[0] == "submit":
                 for handle, *_ in msg[1]:
                     handle._fail(EngineClosedError("the engine closed before this request ran"))
-        m = self._machine
-        with self._lock:
-            held = m.live_handles()
-            orphans = list(m.orphans)
-        for lane, handles in held.items():
+        for lane, backend in self._backends.items():
             if lane not in self._stuck:
-                self._close_quietly(lane, handles)
-        if Lane.DRAFT not in self._stuck:
-            self._close_quietly(Lane.DRAFT, orphans)
+                backend.close(lane)
         for ex in workers.values():
             if not ex.abandoned:
                 ex.close()
