@@ -13,9 +13,11 @@ raises :class:`~ssd_core.ConfigError`, :class:`~ssd_core.InputError` or
 failure while requests run (a backend raised, returned bad logits, or the target ran
 past its timeout) fails every request in flight with a
 :class:`~ssd_core.GenerationError` whose ``partial`` keeps every token committed
-before the fault, and shuts the engine down: every handle is closed, every thread
-joined (a call still stuck in a backend is waited for, never closed under); later
-submissions raise :class:`~ssd_core.EngineClosedError`. A draft-lane failure, with
+before the fault, and shuts the engine down: every handle is closed -- each exactly
+once, from the backends' ledgers -- and every thread joined; a call still stuck in a
+backend is never closed under (its worker closes that model's handles when it
+returns, then ends); later submissions raise :class:`~ssd_core.EngineClosedError`.
+Ctrl-C in a caller waiting on the engine is re-raised within ``INTERRUPT_WAIT_S``. A draft-lane failure, with
 ``on_draft_error="degrade"`` (the default), fails nothing: the engine continues with
 plain target steps, exactly, and counts it in ``Metrics.draft_faults``. A cancelled
 request ends with finish reason ``"cancelled"`` and keeps what it had committed.
@@ -588,9 +590,10 @@ class Engine:
         """Cancel what is in flight, release every handle and thread. Returns after
         ``timeout`` seconds even if a backend call is still running (the engine
         thread then finishes the cleanup when it returns). Idempotent."""
-        if self._thread is None:
-            self._closed = True
-            return
+        with self._start_lock:
+            if self._thread is None:
+                self._closed = True
+                return
         self._post(("close",))
         if threading.current_thread() is self._thread:
             return  # called from an on_event callback: the engine stops after this round
@@ -665,19 +668,24 @@ class Engine:
         )
 
     def _post(self, msg: Any) -> None:
-        if msg[0] == "cancel" and self._thread is None:
-            return
-        self._wake.put(msg)
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None and not self._closed:
-                    self._t0 = time.perf_counter()
-                    if self.driver == "threaded":
-                        self._start_workers()  # every thread exists once submit returns
-                    self._thread = threading.Thread(
-                        target=self._serve, name="ssd-engine", daemon=True
-                    )
-                    self._thread.start()
+        # Under the lock the engine thread takes to mark itself closed before its last
+        # drain of the queue: a message is either drained or refused, never left there.
+        with self._start_lock:
+            if self._closed:
+                if msg[0] == "submit":
+                    raise EngineClosedError(
+                        "the engine is closed; start a new one"
+                    ) from self._failed
+                return
+            if msg[0] == "cancel" and self._thread is None:
+                return
+            self._wake.put(msg)
+            if self._thread is None:
+                self._t0 = time.perf_counter()
+                if self.driver == "threaded":
+                    self._start_workers()  # every thread exists once submit returns
+                self._thread = threading.Thread(target=self._serve, name="ssd-engine", daemon=True)
+                self._thread.start()
 
     def _wall(self) -> float:
         if self._virtual_now is not None:
@@ -695,7 +703,8 @@ class Engine:
         finally:
             self._t_end = time.perf_counter()
             self._cleanup()
-            self._closing = self._closed = True
+            with self._start_lock:  # from here on _post refuses (see there)
+                self._closing = self._closed = True
             # Anything submitted after the shutdown began is refused, never dropped.
             while True:
                 try:
@@ -704,7 +713,7 @@ class Engine:
                     break
                 if msg[0] == "submit":
                     for handle, *_ in msg[1]:
-                        handle._fail(EngineClosedError("the engine closed before this request ran"))
+                        self._refuse(handle)
 
     # messages -------------------------------------------------------------------------
 
@@ -715,7 +724,7 @@ class Engine:
             if kind == "submit":
                 if self._closing:
                     for handle, *_ in msg[1]:
-                        handle._fail(EngineClosedError("the engine is closing"))
+                        self._refuse(handle)
                     return
                 self._waiting.extend(msg[1])
             elif kind == "cancel":
@@ -1018,6 +1027,24 @@ class Engine:
                 err.__cause__ = exc
                 handle._fail(err)
             self._open.clear()
+            # Requests still waiting for a slot never ran: they fail the same way, with
+            # nothing committed.
+            while self._waiting:
+                self._refuse(self._waiting.popleft()[0])
+
+    def _refuse(self, handle: RequestHandle) -> None:
+        """Fail a request that was accepted but never ran: with the engine's failure (a
+        GenerationError with nothing committed) if it failed, else EngineClosedError."""
+        exc = self._failed
+        err: BaseException
+        if exc is None or isinstance(exc, EngineClosedError):
+            err = EngineClosedError("the engine closed before this request ran")
+        else:
+            err = GenerationError(
+                f"the engine failed before this request ran: {exc!r}", handle._partial(None, None)
+            )
+            err.__cause__ = exc
+        handle._fail(err)
 
     def _close_stray(self, lane: Lane, req: Any, result: Any) -> None:
         """A result of a lane that was dropped meanwhile: close what it made."""
@@ -1037,12 +1064,12 @@ class Engine:
                 del running[msg[1]]
             elif msg[0] == "submit":
                 for handle, *_ in msg[1]:
-                    handle._fail(EngineClosedError("the engine closed before this request ran"))
+                    self._refuse(handle)
         for lane, backend in self._backends.items():
             if lane not in self._stuck:
                 backend.close(lane)
         for ex in workers.values():
             if not ex.abandoned:
                 ex.close()
-        if self._open:
+        if self._open or self._waiting:
             self._fail_all(EngineClosedError("the engine stopped with requests in flight"))

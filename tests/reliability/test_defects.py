@@ -575,3 +575,48 @@ def test_d14_logits_of_one_type_throughout_are_fine() -> None:
     out = generate(t, draft, prompts=[[1, 2]], mode="ssd", max_new_tokens=20, config=CFG)
     assert out.metrics.draft_faults == 0 and len(out.tokens[0]) == 20
     assert np.isfinite(out.metrics.accepted_per_proposed)
+
+
+# -- found by the fault-injection test: requests that never resolved -----------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_failure_also_fails_the_requests_waiting_for_a_slot(driver: str) -> None:
+    """max_batch=1: the second request waits while the first fails; it must fail too
+    (typed, nothing committed), not wait forever."""
+    t, d = models()
+    target = Probe(t, plan=every("extend", "raise", at=[3]))
+    draft = Probe(d)
+    with Engine(target, draft, mode="ssd", config=CFG, driver=driver, max_batch=1) as engine:
+        first = engine.submit([1, 2], sampling=T1, max_new_tokens=40, seed=1)
+        waiting = engine.submit([3], sampling=T1, max_new_tokens=40, seed=2)
+        with pytest.raises(GenerationError):
+            first.result(timeout=20)
+        with pytest.raises(GenerationError) as info:
+            waiting.result(timeout=20)
+        assert info.value.partial.tokens == ()
+        assert isinstance(info.value.__cause__, InjectedFault)
+    _clean(target, draft)
+
+
+def test_a_submit_racing_the_engine_shutdown_is_refused_or_resolved() -> None:
+    """Submitting while the engine shuts down after a fault: every submit either raises
+    EngineClosedError or returns a handle that resolves (before the fix a submit could
+    slip into the queue after the engine's last drain and wait forever)."""
+    t, d = models()
+    for i in range(200):
+        target = Probe(t, plan=every("extend", "raise", at=[1]))
+        # max_batch=1: later submits wait for a slot, so the first request reaches its
+        # round (and the fault) however fast they arrive.
+        engine = Engine(target, d, mode="sd", config=CFG, driver="sequential", max_batch=1)
+        handles = []
+        while True:
+            try:
+                handles.append(engine.submit([1], max_new_tokens=5, seed=i))
+            except SSDError:
+                break
+        for h in handles:
+            with pytest.raises(SSDError):
+                h.result(timeout=20)
+        engine.close()
+    assert wait_until(lambda: not _new_threads())
