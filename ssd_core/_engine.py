@@ -17,10 +17,11 @@ before the fault, and shuts the engine down: every handle is closed -- each exac
 once, from the backends' ledgers -- and every thread joined; a call still stuck in a
 backend is never closed under (its worker closes that model's handles when it
 returns, then ends); later submissions raise :class:`~ssd_core.EngineClosedError`.
-Ctrl-C in a caller waiting on the engine is re-raised within ``INTERRUPT_WAIT_S``. A draft-lane failure, with
-``on_draft_error="degrade"`` (the default), fails nothing: the engine continues with
-plain target steps, exactly, and counts it in ``Metrics.draft_faults``. A cancelled
-request ends with finish reason ``"cancelled"`` and keeps what it had committed.
+A draft-lane failure, with ``on_draft_error="degrade"`` (the default), fails nothing:
+the engine continues with plain target steps, exactly, and counts it in
+``Metrics.draft_faults``. A cancelled request ends with finish reason ``"cancelled"``
+and keeps what it had committed. Ctrl-C in a caller waiting on the engine cancels the
+run and is re-raised after at most ``INTERRUPT_WAIT_S`` seconds of waiting for it.
 """
 
 from __future__ import annotations
@@ -395,8 +396,11 @@ class Engine:
         on_draft_error: ``"degrade"`` (a failing draft is dropped and generation goes
             on target-only) or ``"raise"``.
         draft_timeout / target_timeout: seconds one backend call on that lane may take
-            (threaded driver only). A stuck draft is abandoned and the run degrades; a
-            stuck target fails the requests with :class:`~ssd_core.LaneTimeoutError`.
+            (``driver="threaded"`` only; the other drivers refuse them). A stuck draft
+            is abandoned and the run degrades; a stuck target (or a stuck draft that is
+            also the target) fails the requests with
+            :class:`~ssd_core.LaneTimeoutError`. A stuck call is never closed under:
+            its worker releases that model's handles when it returns.
         max_batch: the most requests generating at once; more wait their turn (first
             come, first served). The models' ``max_handles`` lower it further.
 
