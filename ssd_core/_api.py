@@ -11,7 +11,14 @@ from typing import Any
 import attrs
 
 from ._config import SamplingParams, SSDConfig, check_int, check_seed
-from ._engine import Engine, RequestHandle, StreamEvent, check_prompts, check_sampling
+from ._engine import (
+    INTERRUPT_WAIT_S,
+    Engine,
+    RequestHandle,
+    StreamEvent,
+    check_prompts,
+    check_sampling,
+)
 from ._errors import GenerationError
 from ._metrics import Metrics
 from ._protocol import Model
@@ -58,12 +65,15 @@ class _Call:
         seed: int,
         source: RandomSource | None,
         on_draft_error: str,
+        draft_timeout: float | None = None,
+        target_timeout: float | None = None,
     ) -> None:
         # Everything is checked before the engine starts: bad input never costs a call.
         self.engine = Engine(
             target, draft, mode=mode, config=config, driver=driver,
             source=source if source is not None else SeededSource(check_seed(seed)),
-            on_draft_error=on_draft_error,
+            on_draft_error=on_draft_error, draft_timeout=draft_timeout,
+            target_timeout=target_timeout,
         )  # fmt: skip
         check_int("max_new_tokens", max_new_tokens)
         checked = check_prompts(prompts, self.engine.vocab_size, self.engine.target_context)
@@ -114,7 +124,8 @@ class _Call:
                 h.result()
         except GenerationError as exc:
             self.engine.close()
-            raise GenerationError(str(exc), self.result()) from exc.__cause__
+            # The same type (a LaneTimeoutError stays one), with the whole call's partial.
+            raise type(exc)(str(exc), self.result()) from exc.__cause__
         self.engine.close()
 
 
@@ -140,6 +151,15 @@ class Stream:
         return self
 
     def __next__(self) -> StreamEvent:
+        try:
+            return self._next()
+        except (StopIteration, GenerationError):
+            raise
+        except BaseException:  # Ctrl-C while waiting: stop the run, give control back
+            self._interrupt()
+            raise
+
+    def _next(self) -> StreamEvent:
         while self._pending:
             try:
                 ev = self._queue.get(timeout=_POLL_S)
@@ -158,10 +178,14 @@ class Stream:
             if self._finished:
                 return
             self._finished = True
-        try:
-            self._call.wait_all()
-        finally:
-            self._call.engine.close()
+        self._call.wait_all()  # closes the engine, also when it raises GenerationError
+
+    def _interrupt(self) -> None:
+        """Cancel every request and wait (briefly) for the engine: it finishes the
+        cleanup on its own thread when a backend call still running returns."""
+        self._pending = 0
+        self.cancel()
+        self._call.engine.close(timeout=INTERRUPT_WAIT_S)
 
     def cancel(self) -> None:
         """Stop every sequence of this stream (safe from any thread)."""
@@ -181,6 +205,8 @@ class Stream:
         self.close()
 
     def __del__(self) -> None:
+        # Dropped without close(): stop the run; the engine's thread releases every
+        # handle and thread on its own (nothing here waits for it).
         try:
             engine = self._call.engine
         except AttributeError:
@@ -210,6 +236,8 @@ def stream(
     seed: int = 0,
     source: RandomSource | None = None,
     on_draft_error: str = "degrade",
+    draft_timeout: float | None = None,
+    target_timeout: float | None = None,
 ) -> Stream:
     """Generate like :func:`generate`, yielding tokens as each round commits them.
 
@@ -228,6 +256,7 @@ def stream(
     call = _Call(
         target, draft, prompts, mode=mode, max_new_tokens=max_new_tokens, sampling=sampling,
         config=config, driver=driver, seed=seed, source=source, on_draft_error=on_draft_error,
+        draft_timeout=draft_timeout, target_timeout=target_timeout,
     )  # fmt: skip
     return Stream(call)
 
@@ -245,6 +274,8 @@ def generate(
     seed: int = 0,
     source: RandomSource | None = None,
     on_draft_error: str = "degrade",
+    draft_timeout: float | None = None,
+    target_timeout: float | None = None,
 ) -> GenerateResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt, exactly as the target
     would, using the draft to go faster.
@@ -265,6 +296,9 @@ def generate(
         source: a custom random source (overrides ``seed``).
         on_draft_error: ``"degrade"`` (a failing draft is dropped; generation goes on
             target-only, exactly) or ``"raise"``.
+        draft_timeout / target_timeout: seconds one backend call on that lane may take
+            (``driver="threaded"`` only): a stuck draft is abandoned and the run
+            degrades; a stuck target raises :class:`~ssd_core.LaneTimeoutError`.
 
     Returns:
         A :class:`GenerateResult`.
@@ -276,6 +310,7 @@ def generate(
     call = _Call(
         target, draft, prompts, mode=mode, max_new_tokens=max_new_tokens, sampling=sampling,
         config=config, driver=driver, seed=seed, source=source, on_draft_error=on_draft_error,
+        draft_timeout=draft_timeout, target_timeout=target_timeout,
     )  # fmt: skip
     try:
         if driver == "sequential":
@@ -287,6 +322,9 @@ def generate(
             call.start()
         call.wait_all()
     except BaseException:
-        call.engine.close(timeout=1.0)
+        # Ctrl-C (or any error) while waiting: cancel and give control back within
+        # INTERRUPT_WAIT_S; a backend call still running is waited for on the engine's
+        # thread, which closes the handles after it returns, never under it.
+        call.engine.close(timeout=INTERRUPT_WAIT_S)
         raise
     return call.result()

@@ -13,12 +13,15 @@ raises :class:`~ssd_core.ConfigError`, :class:`~ssd_core.InputError` or
 failure while requests run (a backend raised, returned bad logits, or the target ran
 past its timeout) fails every request in flight with a
 :class:`~ssd_core.GenerationError` whose ``partial`` keeps every token committed
-before the fault, and shuts the engine down: every handle is closed, every thread
-joined (a call still stuck in a backend is waited for, never closed under); later
-submissions raise :class:`~ssd_core.EngineClosedError`. A draft-lane failure, with
-``on_draft_error="degrade"`` (the default), fails nothing: the engine continues with
-plain target steps, exactly, and counts it in ``Metrics.draft_faults``. A cancelled
-request ends with finish reason ``"cancelled"`` and keeps what it had committed.
+before the fault, and shuts the engine down: every handle is closed -- each exactly
+once, from the backends' ledgers -- and every thread joined; a call still stuck in a
+backend is never closed under (its worker closes that model's handles when it
+returns, then ends); later submissions raise :class:`~ssd_core.EngineClosedError`.
+A draft-lane failure, with ``on_draft_error="degrade"`` (the default), fails nothing:
+the engine continues with plain target steps, exactly, and counts it in
+``Metrics.draft_faults``. A cancelled request ends with finish reason ``"cancelled"``
+and keeps what it had committed. Ctrl-C in a caller waiting on the engine cancels the
+run and is re-raised after at most ``INTERRUPT_WAIT_S`` seconds of waiting for it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 import attrs
 
 from ._config import MODES, SamplingParams, SSDConfig, check_int, check_seed, stop_ids_for
-from ._drivers import DRIVERS, SimulatedClock, WorkerExecutor, call, run_job
+from ._drivers import DRIVERS, Backend, SimulatedClock, WorkerExecutor, run_job
 from ._errors import (
     ConfigError,
     EngineClosedError,
@@ -52,7 +55,7 @@ from ._jobs import Job
 from ._machine import Finished, Machine, MachineState, TokensCommitted
 from ._metrics import Metrics, RequestMetrics
 from ._policy import CostModel
-from ._protocol import Model, model_lock
+from ._protocol import Model
 from ._random import RandomSource, SeededSource, Stream
 from ._requests import Fork, Lane, Open
 from ._sequence import Stage
@@ -74,6 +77,11 @@ DRAFT_ERRORS = ("degrade", "raise")
 
 #: How often a blocked waiter wakes to let Ctrl-C through (seconds).
 _POLL_S = 0.1
+
+#: How long a caller interrupted by Ctrl-C waits for the engine to stop before the
+#: KeyboardInterrupt goes on (seconds); the engine thread finishes the cleanup later,
+#: when a backend call still running has returned.
+INTERRUPT_WAIT_S = 0.5
 
 
 @attrs.frozen(kw_only=True)
@@ -399,8 +407,11 @@ class Engine:
         on_draft_error: ``"degrade"`` (a failing draft is dropped and generation goes
             on target-only) or ``"raise"``.
         draft_timeout / target_timeout: seconds one backend call on that lane may take
-            (threaded driver only). A stuck draft is abandoned and the run degrades; a
-            stuck target fails the requests with :class:`~ssd_core.LaneTimeoutError`.
+            (``driver="threaded"`` only; the other drivers refuse them). A stuck draft
+            is abandoned and the run degrades; a stuck target (or a stuck draft that is
+            also the target) fails the requests with
+            :class:`~ssd_core.LaneTimeoutError`. A stuck call is never closed under:
+            its worker releases that model's handles when it returns.
         max_batch: the most requests generating at once; more wait their turn (first
             come, first served). The models' ``max_handles`` lower it further.
 
@@ -455,10 +466,24 @@ class Engine:
         self.driver = driver
         self.draft_timeout = _timeout("draft_timeout", draft_timeout)
         self.target_timeout = _timeout("target_timeout", target_timeout)
+        if driver != "threaded" and (self.draft_timeout or self.target_timeout):
+            raise ConfigError(
+                "draft_timeout and target_timeout need driver='threaded' (the other drivers "
+                f"call the models on the engine's own thread), got driver={driver!r}"
+            )
         self.tokenizer = getattr(target, "tokenizer", None)
         self._models: dict[Lane, Model] = {Lane.TARGET: target}
         if mode != "ar" and draft is not None:
             self._models[Lane.DRAFT] = draft
+        #: One Backend per model object (shared by both lanes when target is draft):
+        #: its lock, the ledger of the handles it gave out, its logits' array type.
+        self._backends: dict[Lane, Backend] = {Lane.TARGET: Backend(target)}
+        if Lane.DRAFT in self._models:
+            self._backends[Lane.DRAFT] = (
+                self._backends[Lane.TARGET]
+                if draft is target
+                else Backend(self._models[Lane.DRAFT])
+            )
         self._draft_budget = config.draft_handles_per_sequence(mode)
         self._custom_source = source is not None
         self._machine = Machine(
@@ -497,6 +522,9 @@ class Engine:
         self._virtual_now: float | None = None
         self._stuck: set[Lane] = set()
         self._start_lock = threading.Lock()
+        self._workers: dict[int, WorkerExecutor] = {}
+        self._by_lane: dict[Lane, WorkerExecutor] = {}
+        self._inline_lanes: set[Lane] = set()  # lanes run on the engine's thread
 
     # -- public -----------------------------------------------------------------------
 
@@ -580,22 +608,41 @@ class Engine:
         """Cancel what is in flight, release every handle and thread. Returns after
         ``timeout`` seconds even if a backend call is still running (the engine
         thread then finishes the cleanup when it returns). Idempotent."""
-        if self._thread is None:
-            self._closed = True
-            return
+        with self._start_lock:
+            if self._thread is None:
+                self._closed = True
+                return
         self._post(("close",))
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if threading.current_thread() is self._thread:
+            return  # called from an on_event callback: the engine stops after this round
+        if not self._join(timeout) and timeout != 0:
             log.warning(
-                "engine: a backend call is still running; its handles will be released "
-                "when it returns"
+                "engine: a backend call is still running after %s s; the engine's thread "
+                "releases its handles when it returns",
+                timeout,
             )
+
+    def _join(self, timeout: float | None) -> bool:
+        """Wait for the engine thread in short slices (so Ctrl-C is never held up);
+        returns whether it ended."""
+        thread = self._thread
+        if thread is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread.is_alive():
+            left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            thread.join(left)
+        return not thread.is_alive()
 
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Ctrl-C inside the block: stop what runs, but give control back promptly.
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close(timeout=INTERRUPT_WAIT_S if interrupted else None)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -639,17 +686,24 @@ class Engine:
         )
 
     def _post(self, msg: Any) -> None:
-        if msg[0] == "cancel" and self._thread is None:
-            return
-        self._wake.put(msg)
-        if self._thread is None and not self._inline:
-            with self._start_lock:
-                if self._thread is None and not self._closed:
-                    self._t0 = time.perf_counter()
-                    self._thread = threading.Thread(
-                        target=self._serve, name="ssd-engine", daemon=True
-                    )
-                    self._thread.start()
+        # Under the lock the engine thread takes to mark itself closed before its last
+        # drain of the queue: a message is either drained or refused, never left there.
+        with self._start_lock:
+            if self._closed:
+                if msg[0] == "submit":
+                    raise EngineClosedError(
+                        "the engine is closed; start a new one"
+                    ) from self._failed
+                return
+            if msg[0] == "cancel" and self._thread is None:
+                return
+            self._wake.put(msg)
+            if self._thread is None and not self._inline:
+                self._t0 = time.perf_counter()
+                if self.driver == "threaded":
+                    self._start_workers()  # every thread exists once submit returns
+                self._thread = threading.Thread(target=self._serve, name="ssd-engine", daemon=True)
+                self._thread.start()
 
     def _wall(self) -> float:
         if self._virtual_now is not None:
@@ -690,7 +744,8 @@ class Engine:
         finally:
             self._t_end = time.perf_counter()
             self._cleanup()
-            self._closing = self._closed = True
+            with self._start_lock:  # from here on _post refuses (see there)
+                self._closing = self._closed = True
             # Anything submitted after the shutdown began is refused, never dropped.
             while True:
                 try:
@@ -699,7 +754,7 @@ class Engine:
                     break
                 if msg[0] == "submit":
                     for handle, *_ in msg[1]:
-                        handle._fail(EngineClosedError("the engine closed before this request ran"))
+                        self._refuse(handle)
         return error
 
     # messages -------------------------------------------------------------------------
@@ -711,7 +766,7 @@ class Engine:
             if kind == "submit":
                 if self._closing:
                     for handle, *_ in msg[1]:
-                        handle._fail(EngineClosedError("the engine is closing"))
+                        self._refuse(handle)
                     return
                 self._waiting.extend(msg[1])
             elif kind == "cancel":
@@ -812,6 +867,9 @@ class Engine:
         with self._lock:
             self._machine.fault(lane, exc)  # raises unless the draft lane was dropped
             self._publish()
+        # The draft lane is lost: its handles go now (a stuck one's when its call ends).
+        if lane is Lane.DRAFT and lane not in self._stuck:
+            self._backends[lane].close(lane)
 
     def _drive_sequential(self) -> None:
         m = self._machine
@@ -826,7 +884,7 @@ class Engine:
                 if req is None:
                     continue
                 try:
-                    result, elapsed = call(self._models[lane], req)
+                    result, elapsed = self._backends[lane].call(req)
                 except Exception as exc:
                     self._lane_fault(lane, exc)
                     break
@@ -859,7 +917,7 @@ class Engine:
                 with self._lock:
                     req = m.next_request(lane)
                 if req is not None:
-                    clock.start(lane, self._models[lane], req)
+                    clock.start(lane, self._backends[lane], req)
                     busy.add(lane)
             if not clock:
                 if not m.idle:
@@ -879,28 +937,33 @@ class Engine:
                 m.deliver(req, result, cost)
                 self._publish()
 
+    def _start_workers(self) -> None:
+        """One worker thread per model (one for both lanes when target is draft)."""
+        workers: dict[int, WorkerExecutor] = {}
+        by_lane: dict[Lane, WorkerExecutor] = {}
+        # A draft that declares itself nearly free (the n-gram draft) runs on the
+        # engine's thread: a worker's two hand-offs per job would cost more than its work.
+        self._inline_lanes = {
+            lane
+            for lane in (Lane.DRAFT,)
+            if lane in self._backends
+            and self._backends[lane] is not self._backends[Lane.TARGET]
+            and _cheap(self._models[lane])
+        }
+        for lane in (Lane.DRAFT, Lane.TARGET):
+            backend = self._backends.get(lane)
+            if backend is None or lane in self._inline_lanes:
+                continue
+            if id(backend) not in workers:
+                workers[id(backend)] = WorkerExecutor(backend, self._wake, f"ssd-{lane.value}")
+            by_lane[lane] = workers[id(backend)]
+        self._workers, self._by_lane = workers, by_lane
+
     def _drive_threaded(self) -> None:
         m = self._machine
         lanes = [lane for lane in (Lane.DRAFT, Lane.TARGET) if lane in self._models]
-        workers: dict[int, WorkerExecutor] = {}
-        self._workers = workers
-        by_lane: dict[Lane, WorkerExecutor] = {}
-        # A draft that declares itself nearly free (the n-gram draft) runs on this
-        # thread: a worker's two hand-offs per job would cost more than its work.
-        inline = {
-            lane
-            for lane in lanes
-            if lane is Lane.DRAFT
-            and self._models[lane] is not self._models[Lane.TARGET]
-            and _cheap(self._models[lane])
-        }
-        for lane in lanes:
-            model = self._models[lane]
-            if lane in inline:
-                continue
-            if id(model) not in workers:
-                workers[id(model)] = WorkerExecutor(model, self._wake, f"ssd-{lane.value}")
-            by_lane[lane] = workers[id(model)]
+        by_lane = self._by_lane
+        inline = self._inline_lanes
         running: dict[Lane, Job] = {}
         self._running = running
         while True:
@@ -965,7 +1028,7 @@ class Engine:
         if job is None:
             return False
         try:
-            run_job(self._models[lane], job)
+            run_job(self._backends[lane], job)
         except Exception as exc:
             self._lane_fault(lane, exc)
             return True
@@ -999,14 +1062,27 @@ class Engine:
             started = ex.call_started
             if limit is None or not started or now - started < limit:
                 continue
-            ex.abandoned = True
-            self._stuck.add(lane)
+            # Give up on the call: the worker closes this model's handles once it
+            # returns (never under it) and ends; the engine does not wait for it.
+            backend = self._backends[lane]
+            ex.abandon(then=backend.close_all)
             del running[lane]
-            name = getattr(self._models[lane], "name", lane.value)
+            shared = [ln for ln in self._backends if self._backends[ln] is backend]
+            self._stuck.update(shared)
+            name = backend.name
             if lane is Lane.TARGET:
                 self._lane_fault(
                     lane,
                     LaneTimeoutError(f"the target ({name}) did not answer within {limit} s"),
+                )
+            elif len(shared) > 1:
+                # The draft is the target: there is no lane left to degrade to.
+                self._lane_fault(
+                    Lane.TARGET,
+                    LaneTimeoutError(
+                        f"the draft ({name}), which is also the target, did not answer "
+                        f"within {limit} s"
+                    ),
                 )
             else:
                 self._lane_fault(
@@ -1031,45 +1107,49 @@ class Engine:
                 err.__cause__ = exc
                 handle._fail(err)
             self._open.clear()
+            # Requests still waiting for a slot never ran: they fail the same way, with
+            # nothing committed.
+            while self._waiting:
+                self._refuse(self._waiting.popleft()[0])
+
+    def _refuse(self, handle: RequestHandle) -> None:
+        """Fail a request that was accepted but never ran: with the engine's failure (a
+        GenerationError with nothing committed) if it failed, else EngineClosedError."""
+        exc = self._failed
+        err: BaseException
+        if exc is None or isinstance(exc, EngineClosedError):
+            err = EngineClosedError("the engine closed before this request ran")
+        else:
+            err = GenerationError(
+                f"the engine failed before this request ran: {exc!r}", handle._partial(None, None)
+            )
+            err.__cause__ = exc
+        handle._fail(err)
 
     def _close_stray(self, lane: Lane, req: Any, result: Any) -> None:
+        """A result of a lane that was dropped meanwhile: close what it made."""
         if isinstance(req, (Open, Fork)) and result and lane not in self._stuck:
-            self._close_quietly(lane, tuple(result))
-
-    def _close_quietly(self, lane: Lane, handles: Sequence[Any]) -> None:
-        model = self._models.get(lane)
-        if model is None or not handles:
-            return
-        with model_lock(model):
-            for h in handles:
-                try:
-                    model.close(h)
-                except Exception as exc:  # the backend is broken: say so, keep going
-                    log.warning("closing %s handle %r failed: %r", lane.value, h, exc)
+            self._backends[lane].close(lane, tuple(result))
 
     def _cleanup(self) -> None:
         """Wait for work still running (never close a handle under a live call), then
-        close every handle the machine holds, and stop the workers."""
+        close every handle the models gave this engine -- each exactly once, from the
+        backends' ledgers -- and stop the workers. A stuck model's worker does the same
+        for its model when its call returns."""
         running: dict[Lane, Job] = getattr(self, "_running", {})
-        workers: dict[int, WorkerExecutor] = getattr(self, "_workers", {})
+        workers = self._workers
         while any(lane not in self._stuck for lane in running):
             msg = self._wake.get()
             if msg[0] == "done" and running.get(msg[1]) is msg[2]:
                 del running[msg[1]]
             elif msg[0] == "submit":
                 for handle, *_ in msg[1]:
-                    handle._fail(EngineClosedError("the engine closed before this request ran"))
-        m = self._machine
-        with self._lock:
-            held = m.live_handles()
-            orphans = list(m.orphans)
-        for lane, handles in held.items():
+                    self._refuse(handle)
+        for lane, backend in self._backends.items():
             if lane not in self._stuck:
-                self._close_quietly(lane, handles)
-        if Lane.DRAFT not in self._stuck:
-            self._close_quietly(Lane.DRAFT, orphans)
+                backend.close(lane)
         for ex in workers.values():
             if not ex.abandoned:
                 ex.close()
-        if self._open:
+        if self._open or self._waiting:
             self._fail_all(EngineClosedError("the engine stopped with requests in flight"))

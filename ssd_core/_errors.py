@@ -81,9 +81,10 @@ class GenerationError(SSDError, RuntimeError):
 
 
 class LaneTimeoutError(GenerationError, TimeoutError):
-    """A backend call on the *target* lane ran past its timeout. The stuck call may
-    still be running in its worker thread; its handles are left open rather than
-    closed under it (see ``docs/reliability.md``)."""
+    """A backend call on the *target* lane (or on a draft that is also the target) ran
+    past its timeout. The stuck call may still be running in its worker thread: that
+    model's handles are closed by the worker when the call returns, never under it
+    (see ``docs/reliability.md``)."""
 
 
 class InternalError(SSDError, RuntimeError):

@@ -82,7 +82,9 @@ class Model(Protocol):
     * return logits as a 2-D array (rows x ``vocab_size``) of a real floating dtype,
       finite or ``-inf`` (a token that can never occur); never NaN or ``+inf``. The
       array may be any Python-array-API array (numpy, torch on any device); the core
-      does its math in that array's namespace and on its device.
+      does its math in that array's namespace and on its device. Every call returns
+      the same array type (the engine refuses a switch with a
+      :class:`~ssd_core.BackendContractError`).
     * be deterministic: the same token sequence gives the same logits whatever the
       handle's history (forks, truncations) and whatever else is in the same batch,
       up to the backend's documented tolerance.
