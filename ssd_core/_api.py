@@ -313,13 +313,7 @@ def generate(
         draft_timeout=draft_timeout, target_timeout=target_timeout,
     )  # fmt: skip
     try:
-        if driver == "sequential":
-            # One thread from start to end: the caller's (see Engine.run_here).
-            call.engine._inline = True
-            call.start()
-            call.engine.run_here()
-        else:
-            call.start()
+        call.start()
         call.wait_all()
     except BaseException:
         # Ctrl-C (or any error) while waiting: cancel and give control back within

@@ -414,6 +414,8 @@ class Engine:
             its worker releases that model's handles when it returns.
         max_batch: the most requests generating at once; more wait their turn (first
             come, first served). The models' ``max_handles`` lower it further.
+        own_thread: ``False`` (sequential driver only): no engine thread; requests
+            submitted wait until the caller runs them with :meth:`run_here`.
 
     Raises:
         ConfigError, UnknownOptionError: bad arguments (nothing is started).
@@ -432,7 +434,10 @@ class Engine:
         draft_timeout: float | None = None,
         target_timeout: float | None = None,
         max_batch: int | None = None,
+        own_thread: bool = True,
     ) -> None:
+        if not isinstance(own_thread, bool) or (not own_thread and driver != "sequential"):
+            raise ConfigError("own_thread=False needs driver='sequential'")
         if max_batch is not None:
             check_int("max_batch", max_batch, minimum=1)
         if mode not in MODES:
@@ -513,7 +518,7 @@ class Engine:
         self._ids = itertools.count()
         self._stream_index = itertools.count()
         self._thread: threading.Thread | None = None
-        self._inline = False  # run_here: the caller's thread drives the engine
+        self._inline = not own_thread  # run_here: the caller's thread drives the engine
         self._closing = False
         self._closed = False
         self._failed: BaseException | None = None
@@ -715,19 +720,20 @@ class Engine:
     def run_here(self) -> None:
         """Run the sequential driver in the calling thread until every request
         submitted so far has ended, then shut the engine down: one thread from start
-        to end (what :func:`~ssd_core.generate` does with ``driver="sequential"``, so
-        a profiler or a per-thread counter sees every backend call). A
-        ``KeyboardInterrupt`` is raised again after the cleanup.
+        to end, so a profiler or a per-thread counter sees every backend call. The
+        price: Ctrl-C waits for a backend call that blocks (elsewhere the engine's own
+        thread makes the calls, and the caller gets control back within
+        ``INTERRUPT_WAIT_S``). A ``KeyboardInterrupt`` is raised again after the
+        cleanup.
 
         Raises:
-            MachineError: the engine already runs on its own thread, or the driver is
-                not ``"sequential"``.
+            MachineError: the engine was not made with ``own_thread=False``, or it
+                already ran.
         """
-        if self.driver != "sequential" or self._thread is not None:
+        if not self._inline or self._t0 is not None:
             from ._errors import MachineError
 
-            raise MachineError("run_here needs a sequential engine that has not started")
-        self._inline = True
+            raise MachineError("run_here needs Engine(..., own_thread=False), run once")
         self._t0 = time.perf_counter()
         exc = self._serve()
         if exc is not None and not isinstance(exc, Exception):

@@ -244,3 +244,27 @@ def test_requests_beyond_max_batch_wait_their_turn():
             want = generate(target, draft, prompts=[[i + 1]], max_new_tokens=8, seed=i,
                             config=SSDConfig(k=2, fanout=3)).tokens[0]  # fmt: skip
             assert list(h.result().tokens) == want
+
+
+def test_run_here_makes_every_call_in_the_callers_thread():
+    target, draft = pair(vocab=20, seed=4, divergence=0.4)
+    seen: set[int] = set()
+
+    class Where(Recording):
+        def extend(self, *a, **kw):
+            seen.add(threading.get_ident())
+            return super().extend(*a, **kw)
+
+    engine = Engine(Where(target), Where(draft), config=SSDConfig(k=3, adaptive=False),
+                    driver="sequential", own_thread=False)  # fmt: skip
+    handles = engine.submit_many([[1, 2], [3]], max_new_tokens=12, seed=5)
+    assert not any(h.done for h in handles)  # nothing runs until the caller says so
+    engine.run_here()
+    assert seen == {threading.get_ident()}
+    threaded = generate(target, draft, prompts=[[1, 2], [3]], max_new_tokens=12, seed=5,
+                        config=SSDConfig(k=3, adaptive=False))  # fmt: skip
+    assert [list(h.result().tokens) for h in handles] == threaded.tokens
+    with pytest.raises(Exception, match="own_thread"):
+        engine.run_here()
+    with pytest.raises(ConfigError, match="own_thread"):
+        Engine(target, draft, driver="threaded", own_thread=False)

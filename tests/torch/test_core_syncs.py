@@ -1,7 +1,7 @@
 """The core's host syncs on device arrays: a few reads per job, none per sequence.
 
 Every torch call that would block the host on a GPU is counted on CPU with
-``count_host_syncs(simulate=True)`` while ``generate(..., driver="sequential")`` runs in
+``count_host_syncs(simulate=True)`` while ``Engine.run_here()`` runs every call in
 this thread (the torch backend itself makes none: tests/torch/test_counters.py), so every
 count here is the core's. The budget (docs/gpu.md): one read per backend call a job
 receives (its tokens or outcomes, with the logits' finiteness flag) and at most one more
@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 from backends.torch import count_host_syncs  # noqa: E402
 from ssd_core import (  # noqa: E402
     BackendContractError,
+    Engine,
     GenerationError,
     SamplingParams,
     SeededSource,
@@ -98,19 +99,17 @@ def _run(th, mode, batch, temperature, tokens=12, kind="plain"):
     target = Calls(th.make_model(kind, seed=0))
     draft = Calls(th.make_model(kind, seed=1))
     prompts = [[3 + i, 17, 42, 5, 88][: 3 + i % 3] for i in range(batch)]
+    engine = Engine(
+        target, draft, mode=mode, config=SSDConfig(k=K, fanout=8, fallback="neural"),
+        driver="sequential", own_thread=False,
+    )  # fmt: skip
     with count_host_syncs(simulate=True, sites=True) as syncs:
-        res = generate(
-            target,
-            draft,
-            prompts=prompts,
-            mode=mode,
-            max_new_tokens=tokens,
-            sampling=SamplingParams(temperature=temperature),
-            config=SSDConfig(k=K, fanout=8, fallback="neural"),
-            driver="sequential",
+        engine.submit_many(
+            prompts, sampling=SamplingParams(temperature=temperature), max_new_tokens=tokens,
             seed=0,
-        )
-    return syncs, res, target, draft
+        )  # fmt: skip
+        engine.run_here()  # every backend call in this thread, where syncs are counted
+    return syncs, engine, target, draft
 
 
 #: Most host syncs per round (an average over the run): AR reads its outcome; SD reads
@@ -125,7 +124,7 @@ def test_host_syncs_per_round_are_few_and_do_not_grow_with_the_batch(th, mode, t
     per_round = {}
     for batch in (1, 4, 8):
         syncs, res, target, draft = _run(th, mode, batch, temperature)
-        rounds = res.metrics.rounds
+        rounds = res.metrics().rounds
         per_round[batch] = syncs.total / rounds
         # Only reads of results: no bool() on a device value, no blocking uploads.
         assert set(syncs.by_kind) <= {"download:to"}, syncs.by_kind
@@ -141,7 +140,7 @@ def test_host_syncs_per_round_are_few_and_do_not_grow_with_the_batch(th, mode, t
 
 def test_hf_llama_ssd_round_budget_at_batch_4(th):
     syncs, res, _, _ = _run(th, "ssd", 4, 1.0, kind="llama")
-    assert syncs.total / res.metrics.rounds <= 12.0, syncs.sites.most_common(5)
+    assert syncs.total / res.metrics().rounds <= 12.0, syncs.sites.most_common(5)
 
 
 @pytest.mark.parametrize("how", ["nan", "inf", "empty"])
