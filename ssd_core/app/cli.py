@@ -1,4 +1,4 @@
-"""The ``ssd`` command: ``ssd generate``, ``ssd bench``, ``ssd backends``.
+"""The ``ssd`` command: ``ssd generate``, ``ssd bench``, ``ssd simulate``, ``ssd backends``.
 
 Backends are found by name through :func:`ssd_core.app.load_backend`; a model spec is
 ``NAME:ARGS`` for any installed backend (``reference:vocab=64,order=2,seed=1``,
@@ -26,6 +26,7 @@ from .common import (
     sampling_from,
 )
 from .registry import available_backends, load_backend
+from .simulate import add_parser as add_simulate_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_args(bench)
 
     sub.add_parser("backends", help="list installed backends")
+    add_simulate_parser(sub)
     return parser
 
 
@@ -144,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args)
+        if args.command == "simulate":
+            from .simulate import run_simulate
+
+            return run_simulate(args)
     except GenerationError as exc:
         print(f"ssd: {exc}", file=sys.stderr)
         return 1
