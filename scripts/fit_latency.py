@@ -30,7 +30,7 @@ import numpy as np
 from ssd_core import free_model
 from ssd_core.app import load_backend
 
-SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # default extend sizes (tokens on one sequence)
 FANOUTS = (1, 4, 8, 16)
 
 
@@ -65,29 +65,31 @@ def _line(sizes: tuple[int, ...], med: dict[int, float]) -> tuple[float, float, 
     return float(per_call), float(per_token), float(np.abs(resid).max())
 
 
-def fit(spec: str, *, threads: int, repeats: int, prompt_len: int) -> dict[str, Any]:
+def fit(
+    spec: str, *, threads: int, repeats: int, prompt_len: int, sizes: tuple[int, ...] = SIZES
+) -> dict[str, Any]:
     model = _load(spec, threads)
     try:
         vocab = int(model.vocab_size)
         rng = np.random.default_rng(0)
         prompt = [int(t) for t in rng.integers(10, min(vocab, 30000), prompt_len)]
         h = model.open(prompt)
-        new = [int(t) for t in rng.integers(10, min(vocab, 30000), max(SIZES))]
-        for n in SIZES:  # warm-up
+        new = [int(t) for t in rng.integers(10, min(vocab, 30000), max(sizes))]
+        for n in sizes:  # warm-up
             model.extend([(h, new[:n])])
             model.truncate(h, prompt_len)
         times: dict[str, dict[int, list[float]]] = {
-            "wall": {n: [] for n in SIZES},
-            "cpu": {n: [] for n in SIZES},
+            "wall": {n: [] for n in sizes},
+            "cpu": {n: [] for n in sizes},
         }
         for _ in range(repeats):
-            for n in SIZES:
+            for n in sizes:
                 wall, cpu = _time(lambda n=n: model.extend([(h, new[:n])]))
                 times["wall"][n].append(wall)
                 times["cpu"][n].append(cpu)
                 model.truncate(h, prompt_len)
         med = {c: {n: statistics.median(v) for n, v in times[c].items()} for c in times}
-        fits = {c: _line(SIZES, med[c]) for c in med}
+        fits = {c: _line(sizes, med[c]) for c in med}
 
         # The tree-decode shape: F forked sequences, one token each.
         tree: dict[str, dict[int, float]] = {"wall": {}, "cpu": {}}
@@ -96,7 +98,7 @@ def fit(spec: str, *, threads: int, repeats: int, prompt_len: int) -> dict[str, 
                 hs = [model.fork(h, prompt_len) for _ in range(f)]
                 samples: list[tuple[float, float]] = []
                 for r in range(repeats):
-                    batch = [(x_, [new[r % 16]]) for x_ in hs]
+                    batch = [(x_, [new[r % len(new)]]) for x_ in hs]
                     samples.append(_time(lambda batch=batch: model.extend(batch)))
                     for x_ in hs:
                         model.truncate(x_, prompt_len)
@@ -111,7 +113,7 @@ def fit(spec: str, *, threads: int, repeats: int, prompt_len: int) -> dict[str, 
                            "repeats": repeats}  # fmt: skip
     for c, (per_call, per_token, resid) in fits.items():
         out[c] = {
-            "median_s_by_tokens": {str(n): med[c][n] for n in SIZES},
+            "median_s_by_tokens": {str(n): med[c][n] for n in sizes},
             "per_call_ms": per_call * 1e3,
             "per_token_ms": per_token * 1e3,
             "max_abs_residual_ms": resid * 1e3,
@@ -129,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--json", default=None, help="write the fits here")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)),
+        help="extend sizes (tokens) to time and fit, e.g. 1,4,5,6,7,8 for AR and K=3..7 verifies",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     specs = args.model or ["llama_cpp:smollm2"]
     load_before = os.getloadavg()
     fits = []
     for spec in specs:
-        r = fit(spec, threads=args.threads, repeats=args.repeats, prompt_len=args.prompt_len)
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+        r = fit(spec, threads=args.threads, repeats=args.repeats, prompt_len=args.prompt_len,
+                sizes=sizes)  # fmt: skip
         fits.append(r)
         for clock in ("cpu", "wall"):
             c = r[clock]

@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in temps:
         for k in ks:
             d = find(t, k, "defaults")["result"]
-            need = 0.0 if t == 0.0 else 0.05
+            # The goals: adaptive >= uniform at T = 0 and >= 5% ahead at T = 1;
+            # other temperatures are reported against >= 0.
+            need = 0.05 if t == 1.0 else 0.0
             for name, prefix, want in (
                 ("adaptive_vs_uniform", "uniform", need),
                 ("defaults_vs_reference_lists", "reference engine", 0.0),

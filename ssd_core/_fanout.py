@@ -1,21 +1,16 @@
 """Fan-out planning (Saguaro Def 11 / Thm 12), the online estimates behind it, and the
 default policies for the fan-out budget and the Saguaro sampling constant.
 
-With *per-token* draft acceptance ``a`` the verification outcome "k tokens accepted" has
-probability ``P_k = a^k (1 - a)`` for k < K and ``a^K`` for k = K. A tree with ``F_k``
-candidates at position k hits with probability ``sum_k P_k (1 - miss(F_k))``, where
-``miss(F)`` is the chance the realised token is not among the draft's top F. Thm 12
-maximises this under the budget ``sum_k F_k <= B`` for the power law
-``miss(F) = F^(-r)``, giving a capped geometric series (:func:`geometric_fanout`)::
+The miss rate of a speculation cache follows a power law in the fan-out,
+``1 - p_hit(F) = F^(-r)``. With *per-token* draft acceptance ``a`` the verification
+outcome "k tokens accepted" has probability ``a^k (1 - a)`` for k < K and ``a^K`` for
+k = K. Maximising the hit rate under the budget ``sum_k F_k <= B`` gives a capped
+geometric series::
 
     F_k = F_0 * a^(k / (1 + r))                          for k < K
     F_K = F_0 * a^(K / (1 + r)) * (1 - a)^(-1 / (1 + r))
 
-:class:`OutcomeStats` plans with :func:`optimal_fanout` instead: the same objective
-solved exactly in integers, on the *measured* miss curve (smoothed by a power-law
-prior). On a power law the two agree to rounding; where the curve is no power law --
-greedy drafts, whose misses fall from ~20% at F = 1 to under 1% at F = 3 -- the formula
-starves the last positions and the integer optimum does not.
+with ``F_0`` chosen so the sum is ``B``; we round to integers by largest remainder.
 
 Two acceptance numbers, not to be confused
 ------------------------------------------
@@ -28,17 +23,15 @@ Two acceptance numbers, not to be confused
   were kept. With K = 6 and a = 0.87 it is about 0.6, and feeding it to the geometric
   rule piles the whole budget on the first positions.
 
-``miss`` (and ``r``) come from the *rank* of each realised recovery/bonus token among the
-draft's candidates at its position: a hit at fan-out F means rank <= F, so one observed
-rank tells us about every F at once. Ranks are kept as a histogram over a sliding
-window; the fit of ``r`` is recomputed only when a rank arrived since the last one, and
-a plan is cached until the next observation.
+``r`` comes from the *rank* of each realised recovery/bonus token among the draft's
+candidates at its position: a hit at fan-out F means rank <= F, so one observed rank
+tells us about every F at once. Ranks are kept as a histogram over a sliding window, and
+the fit is recomputed only when a rank arrived since the last one.
 
 Priors
 ------
 Each estimate starts from a prior worth a few pseudo-observations (``prior_weight``):
-``prior_acceptance`` tokens' worth for ``a``, and pseudo-ranks from the power law with
-exponent ``prior_r`` for the miss curve and ``r``.
+``prior_acceptance`` tokens' worth for ``a``, and ``F^(-prior_r)`` pseudo-ranks for ``r``.
 Before any observation the plan is the prior's plan; after one round the estimates are
 a blend, never the extreme 0 or 1 a single round would give; with many rounds the data
 wins. One instance serves one request (and one speculation source: after primary or
@@ -47,10 +40,8 @@ after backup), so a request's plan never depends on other requests in flight.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
-from collections.abc import Sequence
 
 from ._errors import ConfigError, InputError
 
@@ -60,8 +51,6 @@ __all__ = [
     "default_budget",
     "default_saguaro_c",
     "geometric_fanout",
-    "optimal_fanout",
-    "outcome_probs",
     "uniform_fanout",
 ]
 
@@ -108,72 +97,6 @@ def geometric_fanout(budget: int, k: int, accept_rate: float, r: float) -> tuple
     by_remainder = sorted(range(k + 1), key=lambda j: (out[j] - exact[j], j))
     for j in by_remainder[:rest]:
         out[j] += 1
-    return tuple(out)
-
-
-def outcome_probs(k: int, accept_rate: float) -> list[float]:
-    """P(k' accepted) for k' = 0..K under per-token acceptance ``a``:
-    ``a^k' (1 - a)`` for k' < K and ``a^K`` for K (they sum to 1)."""
-    a = min(max(accept_rate, 0.0), 1.0)
-    return [a**j * (1.0 - a) for j in range(k)] + [a**k]
-
-
-def _convex_minorant(y: list[float]) -> list[float]:
-    """The greatest convex function below the points (i, y[i]) (lower hull), sampled
-    at every i: its decrements never grow, which makes greedy allocation optimal."""
-    hull: list[int] = []
-    for i in range(len(y)):
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # Drop b if it lies on or above the segment a -> i.
-            if (y[b] - y[a]) * (i - a) >= (y[i] - y[a]) * (b - a):
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    out = list(y)
-    for a, b in zip(hull, hull[1:]):
-        for i in range(a + 1, b):
-            out[i] = y[a] + (y[b] - y[a]) * (i - a) / (b - a)
-    return out
-
-
-def optimal_fanout(
-    budget: int, k: int, accept_rate: float, miss: Sequence[float]
-) -> tuple[int, ...]:
-    """Integer fan-outs maximising Thm 12's objective exactly.
-
-    Maximises the expected hit rate ``sum_k P_k (1 - miss(F_k))`` subject to
-    ``sum_k F_k = budget``, with ``P_k`` from :func:`outcome_probs`. With the power law
-    ``miss(F) = F^(-r)`` this is the problem whose continuous solution is
-    :func:`geometric_fanout`; here it is solved in integers (greedy on marginal gains,
-    optimal because ``miss`` is first replaced by its convex minorant), for any
-    measured miss curve -- which matters where the curve is no power law (greedy drafts:
-    the miss rate falls from ~20% at F = 1 to under 1% at F = 3).
-
-    Args:
-        budget: B >= 0.
-        k: K >= 1.
-        accept_rate: per-token acceptance ``a``.
-        miss: ``miss[F]`` = P(the realised token is not among the top F candidates) for
-            F = 0, 1, ...; ``miss[0]`` should be 1. Fan-outs beyond its end gain nothing.
-
-    Returns:
-        K + 1 non-negative ints summing to ``budget``. Ties go to the earlier position.
-    """
-    if budget <= 0:
-        return (0,) * (k + 1)
-    probs = outcome_probs(k, accept_rate)
-    curve = _convex_minorant([min(max(float(m), 0.0), 1.0) for m in miss])
-    gain = [curve[f] - curve[f + 1] for f in range(len(curve) - 1)]
-    out = [0] * (k + 1)
-    heap = [(-probs[j] * gain[0] if gain else 0.0, j) for j in range(k + 1)]
-    heapq.heapify(heap)
-    for _ in range(budget):
-        _, j = heapq.heappop(heap)
-        out[j] += 1
-        f = out[j]
-        heapq.heappush(heap, (-probs[j] * gain[f] if f < len(gain) else 0.0, j))
     return tuple(out)
 
 
@@ -348,31 +271,12 @@ class OutcomeStats:
             num += -math.log(miss) * lf
         return min(max(num / _SUM_LOG_F2, 0.1), 10.0)
 
-    def miss_curve(self, upto: int) -> list[float]:
-        """``miss[F]`` for F = 0..upto: the windowed share of ranks above F, blended with
-        ``prior_weight`` pseudo-ranks from ``(1 + F)^(-prior_r)``; past MAX_FIT_FANOUT it
-        is extended by the fitted power law."""
-        n, w = len(self.ranks), self.prior_weight
-        miss = [1.0]
-        above = n
-        for f in range(1, min(upto, MAX_FIT_FANOUT) + 1):
-            above -= self._hist[f - 1]
-            # Pseudo-ranks with P(rank > F) = (1 + F)^(-prior_r): rank 1 is possible.
-            miss.append((above + w * (1 + f) ** (-self.prior_r)) / (n + w))
-        if upto > MAX_FIT_FANOUT:
-            r, last = self.power_law_r, miss[MAX_FIT_FANOUT]
-            miss.extend(
-                last * (f / MAX_FIT_FANOUT) ** (-r) for f in range(MAX_FIT_FANOUT + 1, upto + 1)
-            )
-        return miss
-
     def plan(self, budget: int, k: int) -> tuple[int, ...]:
-        """F_0..F_K for budget B: Thm 12's objective solved in integers with the current
-        estimates (:func:`optimal_fanout` on :meth:`miss_curve`); cached until the next
-        observation."""
+        """F_0..F_K for budget B (Thm 12 with the current estimates); cached until the
+        next observation."""
         key = (budget, k)
         plan = self._plans.get(key)
         if plan is None:
-            plan = optimal_fanout(budget, k, self.per_token_acceptance, self.miss_curve(budget))
+            plan = geometric_fanout(budget, k, self.per_token_acceptance, self.power_law_r)
             self._plans[key] = plan
         return plan

@@ -110,6 +110,24 @@ PRESETS: dict[str, Preset] = {
                 "K = 6, T = 0 is the paper's 2.96 (per-token acceptance ~0.87)."
             ),
         ),
+        Preset(
+            name="smollm2-cpu",
+            summary=(
+                "this 2-core machine: SmolLM2-135M fp32 torch target (1 thread) and its "
+                "Q4_1 GGUF on llama.cpp as the draft (1 thread), the pair of issue 10"
+            ),
+            target=_latency(52.0, 5.8),
+            draft=_latency(11.0, 6.7),
+            divergence=0.2,
+            derivation=(
+                "Fitted on this machine with scripts/fit_latency.py (least squares of the "
+                "thread CPU time of extends on one sequence; target over 1 and 4-8 tokens, "
+                "draft over 1-16 tokens; load average 3.4-4 at the time, see "
+                "docs/simulation.md). Compute-bound: every token costs 6-7 ms on either "
+                "side, so a tree of B branches costs B times a draft token. Divergence 0.2 "
+                "gives per-token acceptance ~0.9, the range measured for this pair (0.86-0.97)."
+            ),
+        ),
     )
 }
 
@@ -765,7 +783,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _plots(points, out_dir, preset, plan)
     report = {
-        "command": "ssd " + " ".join(sys.argv[1:]) if "ssd" in Path(sys.argv[0]).name else None,
+        "command": "ssd " + " ".join(sys.argv[1:])
+        if Path(sys.argv[0]).name in ("ssd", "cli.py")
+        else None,
+        "arguments": {k: v for k, v in vars(args).items() if k != "command"},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg": _loadavg(),
         "host_seconds": elapsed,

@@ -14,8 +14,6 @@ from ssd_core._fanout import (
     OutcomeStats,
     default_budget,
     default_saguaro_c,
-    optimal_fanout,
-    outcome_probs,
     uniform_fanout,
 )
 
@@ -144,8 +142,7 @@ def test_the_fit_is_cached_until_a_rank_arrives(monkeypatch):
     stats.plan(21, 6)
     assert len(calls) == 1
     stats.observe(2, 4, 1)
-    stats.power_law_r  # noqa: B018
-    stats.power_law_r  # noqa: B018
+    stats.plan(21, 6)
     assert len(calls) == 2
 
 
@@ -204,66 +201,3 @@ def test_default_saguaro_c_by_temperature():
     for bad in (-0.1, float("nan"), float("inf"), "1"):
         with pytest.raises(ConfigError):
             default_saguaro_c(bad)
-
-
-def test_outcome_probabilities_are_a_truncated_geometric():
-    p = outcome_probs(3, 0.8)
-    assert p == pytest.approx([0.2, 0.16, 0.128, 0.512]) and sum(p) == pytest.approx(1.0)
-    assert outcome_probs(2, 1.0) == [0.0, 0.0, 1.0]
-
-
-def _hit_rate(fan, k, a, miss):
-    return sum(p * (1 - miss[min(f, len(miss) - 1)]) for p, f in zip(outcome_probs(k, a), fan))
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    st.integers(0, 9),
-    st.integers(1, 3),
-    st.floats(0.05, 0.95),
-    st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8),
-)
-def test_optimal_fanout_beats_every_other_allocation(budget, k, a, drops):
-    # A convex miss curve: decrements sorted largest first.
-    steps = sorted((d / len(drops) for d in drops), reverse=True)
-    miss = [1.0]
-    for d in steps:
-        miss.append(max(miss[-1] - d, 0.0))
-    fan = optimal_fanout(budget, k, a, miss)
-    assert len(fan) == k + 1 and sum(fan) == budget and min(fan) >= 0
-    best = _hit_rate(fan, k, a, miss)
-
-    def allocations(n, parts):
-        if parts == 1:
-            yield (n,)
-            return
-        for i in range(n + 1):
-            for rest in allocations(n - i, parts - 1):
-                yield (i, *rest)
-
-    for other in allocations(budget, k + 1):
-        assert _hit_rate(other, k, a, miss) <= best + 1e-12
-
-
-def test_optimal_fanout_on_a_power_law_is_close_to_the_geometric_rule():
-    miss = [1.0] + [f**-1.0 for f in range(1, 200)]
-    for k, a, b in ((4, 0.7, 40), (6, 0.87, 63), (8, 0.9, 90)):
-        fan, geo = optimal_fanout(b, k, a, miss), geometric_fanout(b, k, a, 1.0)
-        assert max(abs(x - y) for x, y in zip(fan, geo)) <= 2
-
-
-def test_optimal_fanout_fills_a_steep_greedy_curve_evenly():
-    # Greedy drafts: misses fall from 19% at F = 1 to 0.7% at F = 3 (measured at T = 0);
-    # the power law would starve the last positions, the integer optimum does not.
-    miss = [1.0, 0.19, 0.048, 0.007, 0.002, 0.0]
-    assert optimal_fanout(21, 6, 0.87, miss) == (3,) * 7
-
-
-def test_the_plan_before_any_rank_uses_the_prior_curve():
-    stats = OutcomeStats(prior_acceptance=0.8, prior_r=1.0)
-    miss = stats.miss_curve(4)
-    assert miss == pytest.approx([1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
-    plan = stats.plan(21, 6)
-    assert plan == optimal_fanout(21, 6, 0.8, stats.miss_curve(21)) and min(plan) >= 1
-    long = stats.miss_curve(40)  # past the fitted range: the power law continues it
-    assert len(long) == 41 and all(x >= y for x, y in zip(long, long[1:]))
