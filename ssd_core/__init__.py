@@ -28,7 +28,13 @@ from ._errors import (
     SSDError,
     UnknownOptionError,
 )
-from ._fanout import OutcomeStats, geometric_fanout
+from ._fanout import (
+    OutcomeStats,
+    default_budget,
+    default_saguaro_c,
+    geometric_fanout,
+    uniform_fanout,
+)
 from ._latency import LatencyModel
 from ._machine import MACHINE_TRANSITIONS, Machine, MachineState
 from ._metrics import Metrics, RequestMetrics
@@ -83,7 +89,10 @@ __all__ = [
     "UnknownOptionError",
     "free_model",
     "generate",
+    "default_budget",
+    "default_saguaro_c",
     "geometric_fanout",
+    "uniform_fanout",
     "model_lock",
     "stream",
 ]

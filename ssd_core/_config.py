@@ -15,6 +15,7 @@ from typing import Any, Literal
 import attrs
 
 from ._errors import ConfigError, UnknownOptionError
+from ._fanout import default_budget, default_saguaro_c
 from ._policy import CostModel
 
 __all__ = [
@@ -226,13 +227,18 @@ class SSDConfig:
             drafts fewer (never more than it can still commit).
         fanout: the speculation-cache fan-out. An int is a budget B = sum of F_k per
             sequence, allocated each round by the capped geometric rule of Saguaro's
-            Thm 12 from the acceptance rate and power-law exponent estimated online
-            from that sequence's own rounds. A list of K + 1 ints fixes F_0..F_K
-            (F_k candidates for "k accepted").
+            Thm 12 from the per-token acceptance and power-law exponent estimated
+            online from that sequence's own rounds. A list of K + 1 ints fixes
+            F_0..F_K (F_k candidates for "k accepted"). Default (``None``): the budget
+            ``3 (K + 1)`` (:func:`~ssd_core.default_budget`), filled in at
+            construction -- ``attrs.evolve(config, k=...)`` keeps the old budget.
         fanout_after_backup: the same, for rounds whose speculation came from the
             fallback; ``None`` = estimate (or use) ``fanout`` separately for them.
         saguaro_c: Saguaro sampling constant C in (0, 1]: the draft down-weights the
             tokens it caches by C, which raises the cache hit rate. 1 = plain sampling.
+            Default (``None``): chosen per request from its draft temperature by
+            :func:`~ssd_core.default_saguaro_c` (1 when greedy or at T >= 1, 0.85 at
+            0 < T <= 0.7). Any C is exact: the verifier uses the q it drew from.
         fallback: on a cache miss, ``"neural"`` drafts just in time with the draft
             model, ``"fast"`` proposes cheap n-gram backup tokens (verified as point
             masses), ``"auto"`` chooses per round from measured hit rate, times and
@@ -253,12 +259,14 @@ class SSDConfig:
 
     k: int = attrs.field(default=4, validator=_int_at_least(1))
     fanout: int | tuple[int, ...] = attrs.field(
-        default=12, converter=_fanout, validator=_fanout_shape
+        default=None, converter=_optional_fanout, validator=_fanout_shape
     )
     fanout_after_backup: int | tuple[int, ...] | None = attrs.field(
         default=None, converter=_optional_fanout, validator=_fanout_shape
     )
-    saguaro_c: float = attrs.field(default=1.0, validator=_real_in(0.0, 1.0, lo_open=True))
+    saguaro_c: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_real_in(0.0, 1.0, lo_open=True))
+    )
     fallback: Literal["neural", "fast", "auto"] = attrs.field(
         default="neural", validator=_known_fallback
     )
@@ -267,6 +275,17 @@ class SSDConfig:
     cost: CostModel | Literal["declared", "measured"] = attrs.field(
         default="declared", validator=_cost_source
     )
+
+    def __attrs_post_init__(self) -> None:
+        if self.fanout is None:  # the default budget grows with K
+            object.__setattr__(self, "fanout", default_budget(self.k))
+
+    def c_for(self, draft_temperature: float) -> float:
+        """The Saguaro constant C a request drafting at ``draft_temperature`` uses:
+        ``saguaro_c``, or when that is ``None``, :func:`default_saguaro_c`."""
+        if self.saguaro_c is not None:
+            return float(self.saguaro_c)
+        return default_saguaro_c(draft_temperature)
 
     def tree_budget(self) -> int:
         """The most branches one sequence's tree may hold (largest of the budgets)."""

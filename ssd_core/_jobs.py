@@ -33,6 +33,7 @@ import numpy as np
 
 from ._config import SamplingParams
 from ._errors import BackendContractError, InternalError
+from ._fanout import default_saguaro_c
 from ._math import (
     accept_probabilities,
     check_shape,
@@ -122,7 +123,9 @@ class JobContext:
     k: int
     vocab_size: int
     source: RandomSource
-    saguaro_c: float
+    #: Saguaro's C for every row, or ``None``: per row from its draft temperature
+    #: (:func:`~ssd_core.default_saguaro_c`).
+    saguaro_c: float | None
     target_name: str
     draft_name: str
     ops: MathOps
@@ -210,11 +213,11 @@ class _Draws:
             self.parts.append(xp.argmax(sub, axis=1))
         if self.sampled:
             sub = rows if not self.greedy else _rows(xp, rows, self.sampled)
-            w = ctx.ops.draft_weights(
+            w = _draft_weights(
+                ctx,
                 sub,
                 [temperatures[i] for i in self.sampled],
                 [fanouts[i] for i in self.sampled],
-                ctx.saguaro_c,
             )
             self.parts.append(inverse_cdf(w, uniforms([keys[i] for i in self.sampled])))
             for j, i in enumerate(self.sampled):
@@ -229,6 +232,38 @@ class _Draws:
                     out[i] = int(t)
                 at += 1
         return out
+
+
+def saguaro_c_for(ctx: JobContext, temperature: float) -> float:
+    """The Saguaro constant C of a row drafted at ``temperature``."""
+    return ctx.saguaro_c if ctx.saguaro_c is not None else default_saguaro_c(temperature)
+
+
+def _draft_weights(
+    ctx: JobContext, rows: Any, temperatures: Sequence[float], fanouts: Sequence[int]
+) -> Any:
+    """The q rows the draft samples from, each with its own Saguaro C: one call when
+    the rows share it (the usual case), else one per C, put back in row order."""
+    cs = [saguaro_c_for(ctx, t) for t in temperatures]
+    if len(set(cs)) <= 1:
+        return ctx.ops.draft_weights(rows, temperatures, fanouts, cs[0] if cs else 1.0)
+    xp = namespace(rows)
+    groups: dict[float, list[int]] = {}
+    for i, c in enumerate(cs):
+        groups.setdefault(c, []).append(i)
+    parts, order = [], []
+    for c, index in groups.items():
+        parts.append(
+            ctx.ops.draft_weights(
+                _rows(xp, rows, index),
+                [temperatures[i] for i in index],
+                [fanouts[i] for i in index],
+                c,
+            )
+        )
+        order += index
+    where = np.argsort(np.asarray(order, dtype=np.int64), kind="stable")
+    return _rows(xp, xp.concat(parts, axis=0), [int(i) for i in where])
 
 
 def _draft_tokens(
@@ -253,8 +288,8 @@ def _draft_tokens(
             tokens[i] = int(t)
     if sampled:
         sub = rows if not greedy else _rows(xp, rows, sampled)
-        w = ctx.ops.draft_weights(
-            sub, [temperatures[i] for i in sampled], [fanouts[i] for i in sampled], ctx.saguaro_c
+        w = _draft_weights(
+            ctx, sub, [temperatures[i] for i in sampled], [fanouts[i] for i in sampled]
         )
         drawn = ctx.source.categorical([keys[i] for i in sampled], w)
         for j, i in enumerate(sampled):

@@ -94,6 +94,7 @@ from ._jobs import (
     VerifyJob,
     _stack,
     default_ops,
+    saguaro_c_for,
 )
 from ._math import namespace, to_host
 from ._metrics import Counters, LaneTimes, Metrics, RequestMetrics
@@ -1179,13 +1180,16 @@ class Machine:
         if self.config.adaptive:  # the budget is a cap; Thm 7 picks what pays
             r = stats.power_law_r
             hit = hit_curve(stats.ranks, r)
-            value = choose_budget(stats.accept_rate, hit, r, n, self.cost, value, steps=steps)
+            value = choose_budget(
+                stats.per_token_acceptance, hit, r, n, self.cost, value, steps=steps
+            )
         return stats.plan(value, n) if n else (value,)
 
     def _saguaro_fan(self, s: Seq, *, backup: bool, length: int) -> tuple[int, ...]:
         """The F used to down-weight draft tokens under Saguaro sampling: the fan-out
         the *next* round's tree will cache at each position."""
-        if self._ctx.saguaro_c >= 1.0 or length <= 0:
+        c = saguaro_c_for(self._ctx, s.params.effective_draft_temperature)
+        if c >= 1.0 or length <= 0:
             return (0,) * max(length, 0)
         return self._fanout_for(s, "neural" if backup else "cache", length)[:length]
 

@@ -270,7 +270,7 @@ def _title(report: dict[str, Any]) -> str:
         f"{report['prompts']} prompts x up to {report['max_new_tokens']} tokens"
     )
     line2 = (
-        f"K={report['k']}, fan-out {report['fanout']}, C={report['saguaro_c']}, "
+        f"K={report['k']}, fan-out {report['fanout']}, C={report['saguaro_c'] or 'by temperature'}, "
         f"fallback {report['fallback']}, temperature {report['temperature']}, "
         f"{report['driver']} driver ({report['clock']}); {report['when']}, "
         f"{report['machine']['platform']}"

@@ -1,5 +1,5 @@
 """The ``ssd`` command: ``ssd generate``, ``ssd chat``, ``ssd bench``, ``ssd serve``,
-``ssd export-onnx``, ``ssd backends``.
+``ssd simulate``, ``ssd export-onnx``, ``ssd backends``.
 
 Backends are found by name through :func:`ssd_core.app.load_backend`; a model spec is
 ``NAME:ARGS`` for any installed backend (``reference:vocab=64,order=2,seed=1``,
@@ -59,6 +59,7 @@ from .console import (
 )
 from .registry import available_backends, load_backend
 from .serve import add_serve_args, run_serve
+from .simulate import add_parser as add_simulate_parser
 
 __all__ = ["EXIT", "build_parser", "main"]
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(sub)
     add_bench_parser(sub)
     add_serve_parser(sub)
+    add_simulate_parser(sub)
     add_export_onnx_parser(sub)
     add_backends_parser(sub)
     return parser

@@ -12,6 +12,8 @@ import inspect
 import textwrap
 from typing import Any
 
+import attrs
+
 from ssd_core import (
     DRIVERS,
     FALLBACKS,
@@ -78,8 +80,9 @@ API_DEFAULTS: dict[str, Any] = {
     "draft_temperature": _SAMPLING.draft_temperature,
     "ignore_eos": _SAMPLING.ignore_eos,
     "k": _CONFIG.k,
-    "fanout": _CONFIG.fanout,
-    "saguaro_c": _CONFIG.saguaro_c,
+    # None: chosen from K (the budget) and from the temperature (C) -- see SSDConfig.
+    "fanout": attrs.fields(SSDConfig).fanout.default,
+    "saguaro_c": attrs.fields(SSDConfig).saguaro_c.default,
     "fallback": _CONFIG.fallback,
     "adaptive": _CONFIG.adaptive,
     "cost": _CONFIG.cost,
@@ -381,13 +384,15 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
         "--fanout",
         type=_fanout,
         default=_default("fanout"),
-        help="SSD: cached outcomes per round, a budget B or F_0..F_K as a comma list",
+        help="SSD: cached outcomes per round, a budget B or F_0..F_K as a comma list "
+        "(default: the budget 3 (K + 1))",
     )
     s.add_argument(
         "--saguaro-c",
         type=float,
         default=_default("saguaro_c"),
-        help="SSD: Saguaro sampling constant C in (0, 1]; 1 = plain sampling",
+        help="SSD: Saguaro sampling constant C in (0, 1]; 1 = plain sampling (default: "
+        "from the draft temperature -- 1 when greedy or at T >= 1, 0.85 up to T = 0.7)",
     )
     s.add_argument(
         "--fallback",

@@ -113,7 +113,8 @@ def test_help_has_no_traceback_and_exits_0(capsys):
 def test_api_defaults_are_read_from_the_api():
     sp, cfg = SamplingParams(), SSDConfig()
     assert API_DEFAULTS["temperature"] == sp.temperature == 1.0
-    assert API_DEFAULTS["k"] == cfg.k and API_DEFAULTS["fanout"] == cfg.fanout
+    assert API_DEFAULTS["k"] == cfg.k and API_DEFAULTS["fanout"] is None
+    assert cfg.fanout == 3 * (cfg.k + 1) and API_DEFAULTS["saguaro_c"] is cfg.saguaro_c is None
     assert API_DEFAULTS["fallback"] == cfg.fallback
     import inspect
 

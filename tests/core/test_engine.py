@@ -28,6 +28,9 @@ CONFIGS = {
     "fixed": SSDConfig(k=3, fanout=(2, 1, 1, 2), fallback="neural", saguaro_c=0.6),
     "budget": SSDConfig(k=4, fanout=8, fallback="neural", saguaro_c=0.8),
     "fast": SSDConfig(k=3, fanout=5, fallback="fast"),
+    # C from each request's temperature: a batch mixes rows drafted with C = 0.85
+    # (T = 0.5), C = 0.95 (T = 0.9) and C = 1 (T = 1.2).
+    "default": SSDConfig(k=3),
 }
 
 
@@ -66,7 +69,7 @@ def _staggered(engine: Engine, probe: list[int], params: SamplingParams, seed: i
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("mode", ["sd", "ssd"])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_a_request_does_not_depend_on_what_else_is_in_flight(driver, temperature, mode, config):
