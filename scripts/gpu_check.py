@@ -282,6 +282,23 @@ class Check:
             seed=0,
         )
 
+    def run_here(self, mode: str, batch: int, tokens: int) -> Any:
+        """Like :meth:`generate` with the sequential driver, every backend call in this
+        thread (the sync counters count per thread); returns the metrics."""
+        from ssd_core import Engine, SamplingParams, SSDConfig
+
+        engine = Engine(
+            self.target, self.draft, mode=mode,
+            config=SSDConfig(k=self.args.k, fanout=self.args.fanout),
+            driver="sequential", own_thread=False,
+        )  # fmt: skip
+        engine.submit_many(
+            self.prompts[batch], sampling=SamplingParams(temperature=0.0),
+            max_new_tokens=tokens, seed=0,
+        )  # fmt: skip
+        engine.run_here()
+        return engine.metrics()
+
     def timed(
         self, mode: str, driver: str, batch: int, draft: Any = None, reps: int | None = None
     ) -> dict[str, Any]:
@@ -344,8 +361,8 @@ class Check:
             count_host_syncs(simulate=not self.env.cuda, sites=True) as syncs,
             count_copies() as copies,
         ):
-            res = self.generate(mode, "sequential", batch, tokens)
-        rounds = max(1, res.metrics.rounds)
+            metrics = self.run_here(mode, batch, tokens)
+        rounds = max(1, metrics.rounds)
         stats = {
             name: {k: v / rounds for k, v in m.stats.as_dict().items()}
             for name, m in (("target", self.target), ("draft", self.draft))

@@ -206,6 +206,37 @@ def run_generate(args: argparse.Namespace) -> int:
 # -- ssd bench -----------------------------------------------------------------------
 
 
+#: ``ssd bench --preset NAME``: flags inserted before the user's, so the user's win.
+BENCH_PRESETS: dict[str, tuple[str, ...]] = {
+    # The paper's regime in miniature on a CPU: a memory-bound fp32 torch target (the
+    # bundled SmolLM2, dequantised from its GGUF) and its own Q4_1 GGUF as a cheap
+    # llama.cpp draft, one thread each (docs/benchmarks.md).
+    "cpu-demo": (
+        "--backend", "torch", "--device", "cpu", "--draft", "llama_cpp:",
+        "-t", "1", "-td", "1", "--draft-max", "6",
+    ),
+}  # fmt: skip
+
+
+def _with_preset(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a bench preset's flags put right after ``bench`` (unknown preset
+    names are left for argparse to refuse)."""
+    out = list(argv)
+    if "bench" not in out:
+        return out
+    at = out.index("bench")
+    rest = out[at + 1 :]
+    for i, word in enumerate(rest):
+        name = None
+        if word == "--preset" and i + 1 < len(rest):
+            name = rest[i + 1]
+        elif word.startswith("--preset="):
+            name = word.split("=", 1)[1]
+        if name in BENCH_PRESETS:
+            return out[: at + 1] + list(BENCH_PRESETS[name]) + rest
+    return out
+
+
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     from .bench import LEGEND, positive_limit
 
@@ -216,6 +247,13 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         description="Run each mode on the same prompts (the bundled set by default) and "
         "write a table, bench.json and bench.png.",
         epilog="table columns:\n" + LEGEND + "\n\n" + defaults_epilog(),
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(BENCH_PRESETS),
+        help="a named set of flags, put before yours (yours win): "
+        + "; ".join(f"{name} = {' '.join(flags)}" for name, flags in BENCH_PRESETS.items())
+        + " (default: none)",
     )
     p.add_argument("--modes", default="ar,sd,ssd", help="comma list of modes")
     p.add_argument(
@@ -359,7 +397,7 @@ def _sigterm_as_exception() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssd`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_with_preset(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -182,3 +182,16 @@ def test_stop_escapes():
     assert sampling_from(args).stop == ("\n\n", "a\\nb", "\\x")
     assert sampling_from(args).ignore_eos is False
     assert sampling_from(parse("generate", "--ignore-eos", "1")).ignore_eos is True
+
+
+def test_a_bench_preset_is_flags_before_yours():
+    from ssd_core.app.cli import BENCH_PRESETS, _with_preset, build_parser
+
+    args = build_parser().parse_args(_with_preset(["bench", "--preset", "cpu-demo"]))
+    assert (args.backend, args.draft, args.device, args.k) == ("torch", "llama_cpp:", "cpu", 6)
+    assert args.threads == args.draft_threads == 1
+    mine = build_parser().parse_args(_with_preset(["-v", "bench", "--preset=cpu-demo", "--draft-max", "4"]))
+    assert mine.k == 4 and mine.backend == "torch" and mine.verbose
+    assert "cpu-demo" in BENCH_PRESETS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(_with_preset(["bench", "--preset", "nope"]))

@@ -177,7 +177,7 @@ def test_every_later_run_gets_its_slots_after_faults(
             with pytest.raises(Exception):  # noqa: B017 - the core wraps the backend's error
                 generate(
                     target, draft, prompts=prompts, mode="ssd", max_new_tokens=16,
-                    sampling=GREEDY, config=SSDConfig(k=4, adaptive=False), seed=0, on_draft_error="raise",
+                    sampling=GREEDY, config=SSDConfig(k=4, fanout=12, adaptive=False), seed=0, on_draft_error="raise",
                 )  # fmt: skip
             monkeypatch.undo()
             # Whatever the core closed or not, the backends' books balance:
@@ -188,7 +188,7 @@ def test_every_later_run_gets_its_slots_after_faults(
                     m.close(h)
             res = generate(
                 target, draft, prompts=prompts, mode="ssd", max_new_tokens=16,
-                sampling=GREEDY, config=SSDConfig(k=4, adaptive=False), seed=0,
+                sampling=GREEDY, config=SSDConfig(k=4, fanout=12, adaptive=False), seed=0,
             )  # fmt: skip
             assert res.tokens == expected
 
