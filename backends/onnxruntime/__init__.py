@@ -25,12 +25,12 @@ import functools
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ssd_core import ConfigError
+from ssd_core import ConfigError, Model
 from ssd_core.app import BackendSpec
 
-from .._specs import flag, parse_spec_items, plus_list
+from .._specs import Keys, flag, parse_spec_items, plus_list
 from ._export import (
     MAX_IR_VERSION,
     OPSET,
@@ -69,7 +69,7 @@ __all__ = [
     "read_signature",
 ]
 
-_KEYS = {
+_KEYS: Keys = {
     "threads": ("threads", int),
     "context": ("context_size", int),
     "context_size": ("context_size", int),
@@ -158,3 +158,10 @@ BACKEND = BackendSpec(
     description="decoder-only ONNX graphs with a KV cache on onnxruntime (CUDA provider, CPU fallback)",
     conformance_target="onnxruntime:tiny-target",
 )
+
+
+if TYPE_CHECKING:
+
+    def _is_a_model(model: OrtModel) -> Model:
+        """mypy proves here that OrtModel meets the Model protocol."""
+        return model

@@ -126,12 +126,15 @@ def build_tiny_llama(
             f"hidden_size {hidden_size} must divide by num_heads {num_heads}, "
             f"which must divide by num_kv_heads {num_kv_heads}"
         )
-    head_dim = head_dim or hidden_size // num_heads
-    if head_dim % 2:
-        raise ConfigError(f"head_dim {head_dim} must be even for rotary embeddings")
+    # New names rather than narrowing the parameters in place: mypy does not carry a
+    # parameter's narrowing into the methods of the classes defined below.
+    head_size = head_dim or hidden_size // num_heads
+    if head_size % 2:
+        raise ConfigError(f"head_dim {head_size} must be even for rotary embeddings")
     torch_dtype = _torch_dtype(dtype)
-    if inv_freq is None:
-        inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
+    rotary_freq = (
+        inv_freq if inv_freq is not None else rope_frequencies(head_size, rope_theta, rope_scaling)
+    )
 
     class RMSNorm(nn.Module):
         def __init__(self, dim: int) -> None:
@@ -151,10 +154,10 @@ def build_tiny_llama(
         def __init__(self) -> None:
             super().__init__()
             self.input_norm = RMSNorm(hidden_size)
-            self.q = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-            self.k = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-            self.v = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-            self.o = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+            self.q = nn.Linear(hidden_size, num_heads * head_size, bias=qkv_bias)
+            self.k = nn.Linear(hidden_size, num_kv_heads * head_size, bias=qkv_bias)
+            self.v = nn.Linear(hidden_size, num_kv_heads * head_size, bias=qkv_bias)
+            self.o = nn.Linear(num_heads * head_size, hidden_size, bias=o_bias)
             self.post_norm = RMSNorm(hidden_size)
             self.gate = nn.Linear(hidden_size, intermediate_size, bias=mlp_bias)
             self.up = nn.Linear(hidden_size, intermediate_size, bias=mlp_bias)
@@ -171,9 +174,9 @@ def build_tiny_llama(
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             b, t, _ = x.shape
             h = self.input_norm(x)
-            q = self.q(h).view(b, t, num_heads, head_dim).transpose(1, 2)
-            k = self.k(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
-            v = self.v(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+            q = self.q(h).view(b, t, num_heads, head_size).transpose(1, 2)
+            k = self.k(h).view(b, t, num_kv_heads, head_size).transpose(1, 2)
+            v = self.v(h).view(b, t, num_kv_heads, head_size).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             if past_k is not None and past_v is not None:
@@ -182,9 +185,9 @@ def build_tiny_llama(
             rep = num_heads // num_kv_heads
             kk = k.repeat_interleave(rep, dim=1)
             vv = v.repeat_interleave(rep, dim=1)
-            scores = (q @ kk.transpose(-1, -2)) / (head_dim**0.5) + bias
+            scores = (q @ kk.transpose(-1, -2)) / (head_size**0.5) + bias
             att = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vv
-            x = x + self.o(att.transpose(1, 2).reshape(b, t, num_heads * head_dim))
+            x = x + self.o(att.transpose(1, 2).reshape(b, t, num_heads * head_size))
             h = self.post_norm(x)
             x = x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
             return x, k, v
@@ -196,14 +199,14 @@ def build_tiny_llama(
             self.context_size = context_size
             self.num_layers = num_layers
             self.num_kv_heads = num_kv_heads
-            self.head_dim = head_dim
+            self.head_dim = head_size
             self.kv_cache = kv_cache
             self.embed = nn.Embedding(vocab_size, hidden_size)
             self.layers = nn.ModuleList(Layer() for _ in range(num_layers))
             self.norm = RMSNorm(hidden_size)
             self.head = nn.Linear(hidden_size, vocab_size, bias=False)
             self.dtype_name = dtype
-            self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
+            self.register_buffer("inv_freq", rotary_freq.float().clone(), persistent=False)
 
         def forward(
             self,
@@ -253,7 +256,7 @@ def build_tiny_llama(
             model = TinyLlama()
         model.to_empty(device="cpu")
     model.to(torch_dtype)
-    model.inv_freq = inv_freq.float().clone()  # the rotary table stays float32
+    model.inv_freq = rotary_freq.float().clone()  # the rotary table stays float32
     return model.eval()
 
 

@@ -671,12 +671,9 @@ class OrtModel:
         return out
 
     def _check_logits(self, logits: Any, handles: Sequence[Handle]) -> None:
-        bad = (
-            (np.isnan(logits).any() or np.isposinf(logits).any())
-            if isinstance(logits, np.ndarray)
-            else None
-        )
-        if bad is None:  # torch: one host read per call (the core checks again anyway)
+        if isinstance(logits, np.ndarray):
+            bad = bool(np.isnan(logits).any() or np.isposinf(logits).any())
+        else:  # torch: one host read per call (the core checks again anyway)
             import torch
 
             bad = bool(torch.any(torch.isnan(logits) | torch.isposinf(logits)))

@@ -119,7 +119,11 @@ def host_copy(a: Any) -> np.ndarray:
     """A numpy copy of a buffer (tests)."""
     if isinstance(a, np.ndarray):
         return a
-    return a.detach().to("cpu").float().numpy() if a.dtype.is_floating_point else a.cpu().numpy()
+    # a torch tensor (torch is imported only where the buffers are torch's)
+    copy: np.ndarray = (
+        a.detach().to("cpu").float().numpy() if a.dtype.is_floating_point else a.cpu().numpy()
+    )
+    return copy
 
 
 Runner = PlainRunner | BoundRunner

@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ssd_core import ConfigError
+from ssd_core import ConfigError, Model
 from ssd_core.app import BackendSpec
 
 from .._specs import parse_spec_items
@@ -161,7 +161,7 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
 
         # process-wide: torch has one intra-op pool shared by every model
         torch.set_num_threads(int(threads))
-    for key in (
+    for option in (
         "batching",
         "context_size",
         "use_stream",
@@ -171,8 +171,8 @@ def _load(args: str, options: Mapping[str, Any]) -> TorchModel:
         "max_tokens_per_pass",
         "timing",
     ):
-        if options.get(key) is not None:
-            kw[key] = options[key]
+        if options.get(option) is not None:
+            kw[option] = options[option]
     if options.get("n_ctx") and "context_size" not in kw:  # the CLI's context option
         kw["context_size"] = int(options["n_ctx"])
     args = args.strip()
@@ -260,3 +260,10 @@ BACKEND = BackendSpec(
     # SmolLM2 between padded batches and single calls (docs/torch.md).
     conformance_tolerance=5e-3,
 )
+
+
+if TYPE_CHECKING:
+
+    def _is_a_model(model: TorchModel) -> Model:
+        """mypy proves here that TorchModel meets the Model protocol."""
+        return model

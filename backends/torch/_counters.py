@@ -154,6 +154,7 @@ class HostSyncCounter:
         elif name in ("to", "copy_"):
             if not isinstance(first, torch.Tensor):
                 return
+            dst_dev: torch.device | None
             if name == "copy_":
                 src = args[1] if len(args) > 1 else kwargs.get("src")
                 dst_dev, src_t = first.device, src
@@ -289,9 +290,10 @@ def _nbytes(x: Any) -> int:
     return 0
 
 
-class _CopyMode(TorchDispatchMode):
+# torch leaves TorchDispatchMode's __init_subclass__ and __init__ unannotated
+class _CopyMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __init__(self, counter: CopyCounter) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.counter = counter
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

@@ -42,14 +42,22 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
 
 from ssd_core import ConfigError
 
-__all__ = ["DeviceContext", "Placement", "parse_device", "parse_dtype", "ready_event", "upload"]
+__all__ = [
+    "DeviceContext",
+    "Placement",
+    "hf_embeddings",
+    "parse_device",
+    "parse_dtype",
+    "ready_event",
+    "upload",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -199,8 +207,8 @@ class Placement:
         """
         device_map = getattr(module, "hf_device_map", None)
         names = {id(m): n for n, m in module.named_modules()}
-        emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-        out = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        emb = hf_embeddings(module, "input")
+        out = hf_embeddings(module, "output")
         if isinstance(device_map, Mapping) and device_map and emb is not None and out is not None:
             return cls.from_device_map(
                 device_map,
@@ -215,6 +223,20 @@ class Placement:
         first = next(emb.parameters()).device if emb is not None else params[0]
         last = next(out.parameters()).device if out is not None else params[-1]
         return cls(input=first, output=last, devices=_unique((first, *params)))
+
+
+def hf_embeddings(
+    module: torch.nn.Module, which: Literal["input", "output"]
+) -> torch.nn.Module | None:
+    """``module.get_input_embeddings()`` / ``get_output_embeddings()`` of a transformers
+    model; ``None`` for a module without that method.
+
+    Looked up with ``getattr``: to mypy any other attribute of a module is a tensor or a
+    submodule, neither of which it lets be called.
+    """
+    get = getattr(module, f"get_{which}_embeddings", None)
+    found: torch.nn.Module | None = get() if get is not None else None
+    return found
 
 
 def _module(device: torch.device) -> Any:

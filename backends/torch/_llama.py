@@ -132,7 +132,8 @@ class _Layer(nn.Module):
         att = att.reshape(b, s.num_heads, t, d).transpose(1, 2).reshape(b, t, s.num_heads * d)
         x = x + self.o_proj(att)
         y = self.post_attention_layernorm(x)
-        return x + self.down_proj(nn.functional.silu(self.gate_proj(y)) * self.up_proj(y))
+        x = x + self.down_proj(nn.functional.silu(self.gate_proj(y)) * self.up_proj(y))
+        return x
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -225,4 +226,5 @@ class PlainLlama(nn.Module):
             x = layer(x, cos, sin, past, mask, i)
         if logits_to_keep:
             x = x[:, x.shape[1] - logits_to_keep :]
-        return self.lm_head(self.norm(x))
+        logits: torch.Tensor = self.lm_head(self.norm(x))
+        return logits

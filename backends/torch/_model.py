@@ -35,7 +35,7 @@ import torch
 from ssd_core import BackendContractError, ConfigError, Handle
 
 from .._handles import HandleTable
-from ._device import DeviceContext, Placement, parse_device, parse_dtype
+from ._device import DeviceContext, Placement, hf_embeddings, parse_device, parse_dtype
 from ._pool import KVPool, Stats
 from ._runners import (
     Forward,
@@ -76,24 +76,29 @@ def _transformers_progress(show: bool | None) -> Iterator[None]:
         yield
         return
     import functools
+    import importlib
 
     from transformers.utils import logging as hf_logging
 
+    # Any, not a module type: its ``tqdm`` (replaced below) is an import it does not
+    # re-export, so mypy sees no such attribute
+    gguf_utils: Any
     try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     except ImportError:  # pragma: no cover - a transformers without GGUF support
         gguf_utils = None
     was_enabled = hf_logging.is_progress_bar_enabled()
     gguf_bar = getattr(gguf_utils, "tqdm", None)
-    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    # transformers leaves enable/disable_progress_bar unannotated
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()  # type: ignore[no-untyped-call]
     if gguf_bar is not None and not show:
-        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)  # type: ignore[union-attr]
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()  # type: ignore[no-untyped-call]
         if gguf_bar is not None:
-            gguf_utils.tqdm = gguf_bar  # type: ignore[union-attr]
+            gguf_utils.tqdm = gguf_bar
 
 
 @attrs.define
@@ -106,7 +111,7 @@ def _prune_layers(module: Any, keep: int) -> None:
     """Keep the first ``keep`` decoder layers of a Llama-style HF model, in place."""
     base = getattr(module, "model", None)
     layers = getattr(base, "layers", None)
-    if layers is None or not 1 <= keep <= len(layers):
+    if base is None or layers is None or not 1 <= keep <= len(layers):
         n = "no" if layers is None else len(layers)
         raise ConfigError(
             f"torch backend: cannot keep {keep} layers of a model with {n} decoder layers"
@@ -196,7 +201,11 @@ def load_pretrained(
     with fast_gguf(), _transformers_progress(progress_bars):
         log.info("torch backend: loading %s (%s)", where, "GGUF" if gguf_file else "folder")
         try:
-            module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **extra)
+            # typed as the torch module it is: transformers leaves PreTrainedModel.eval
+            # unannotated
+            module: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, **extra
+            )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"torch backend: cannot load {path!r}: {exc}") from exc
         log.info(
@@ -369,9 +378,7 @@ class TorchModel:
             config: Any = module.config
             window = _check_hf_attention(module)
             runner: Runner = HFRunner(module)
-            out = (
-                module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-            )
+            out = hf_embeddings(module, "output")
             if vocab_size is None:
                 vocab_size = (
                     getattr(out, "out_features", None) or config.get_text_config().vocab_size

@@ -32,7 +32,7 @@ import attrs
 import numpy as np
 import torch
 
-from ._device import upload
+from ._device import hf_embeddings, upload
 from ._pool import KVPool, Stats, tree_mask
 
 __all__ = [
@@ -251,7 +251,7 @@ def _register_pool_sdpa() -> bool:
             and kwargs.get("position_bias") is None
             and not kwargs.get("output_attentions")
         )
-        if not packed:
+        if not packed or attention_mask is None:  # (packed implies a mask)
             return sdpa_attention_forward(
                 module,
                 query,
@@ -285,7 +285,7 @@ def _register_pool_sdpa() -> bool:
 def _hf_cache_class() -> type:
     from transformers import DynamicCache
 
-    class HFPoolCache(DynamicCache):  # type: ignore[misc, valid-type]
+    class HFPoolCache(DynamicCache):
         """A ``DynamicCache`` whose ``update`` writes into the KV pool in place."""
 
         def __init__(self, fw: Forward) -> None:
@@ -319,7 +319,7 @@ class HFRunner(Runner):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # 4.45-4.47 called it num_logits_to_keep
         self._keep_kw = _kwarg(params, "logits_to_keep", "num_logits_to_keep")
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        emb = hf_embeddings(model, "input")
         weight = getattr(emb, "weight", None)
         self._dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         # sdpa takes a boolean mask as is; eager (and others) add the mask to the scores
@@ -349,7 +349,7 @@ class HFRunner(Runner):
         }
         if self._keep_kw:
             kwargs[self._keep_kw] = fw.n_logits
-        logits = self._model(**kwargs).logits
+        logits: torch.Tensor = self._model(**kwargs).logits
         return logits[0, logits.shape[1] - fw.n_logits :]
 
 
@@ -365,7 +365,7 @@ class ModuleRunner(Runner):
         ids, pos, allowed = fw.packed()
         extra = {"logits_to_keep": fw.n_logits} if self._keep_kw else {}
         out = self._module(ids, pos, PoolCache(fw), allowed[None], **extra)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
+        logits: torch.Tensor = out[0] if isinstance(out, (tuple, list)) else out
         return logits[0, logits.shape[1] - fw.n_logits :]
 
 
@@ -421,6 +421,7 @@ class LegacyModuleRunner(Runner):
                     pair.append(g.view(g.shape[0], n_rows, p, g.shape[2]).transpose(0, 1))
                 past.append((pair[0], pair[1]))
         attn = d_mask.view(n_rows, p + t).bool() if padded else None
+        logits: torch.Tensor
         logits, new_past = self._module(d_ids.view(n_rows, t), d_pos.view(n_rows, t), past, attn)
         for layer, (k, v) in enumerate(new_past):
             kn = k[:, :, p:].transpose(0, 1).reshape(k.shape[1], n_rows * t, k.shape[3])
