@@ -37,6 +37,10 @@ Usage::
 
 Exit status: 0 all checks passed, 1 a check failed (greedy identity), 3 a package is
 missing, 4 no CUDA device (without ``--dry-run``).
+
+Every run proposes K tokens a round (``SSDConfig(adaptive=False)``): the check exercises
+the device paths, not the speculation policy, which would rightly skip drafting with the
+tiny models of ``--dry-run``.
 """
 
 from __future__ import annotations
@@ -277,7 +281,7 @@ class Check:
             mode=mode,
             max_new_tokens=tokens,
             sampling=SamplingParams(temperature=0.0),
-            config=SSDConfig(k=self.args.k, fanout=self.args.fanout),
+            config=SSDConfig(k=self.args.k, fanout=self.args.fanout, adaptive=False),
             driver=driver,
             seed=0,
         )
@@ -289,7 +293,7 @@ class Check:
 
         engine = Engine(
             self.target, self.draft, mode=mode,
-            config=SSDConfig(k=self.args.k, fanout=self.args.fanout),
+            config=SSDConfig(k=self.args.k, fanout=self.args.fanout, adaptive=False),
             driver="sequential", own_thread=False,
         )  # fmt: skip
         engine.submit_many(
@@ -404,7 +408,7 @@ class Check:
                 mode=mode,
                 max_new_tokens=256,
                 sampling=SamplingParams(temperature=0.0),
-                config=SSDConfig(k=self.args.k, fanout=self.args.fanout),
+                config=SSDConfig(k=self.args.k, fanout=self.args.fanout, adaptive=False),
                 driver="simulated",
                 seed=0,
             )
@@ -622,7 +626,7 @@ def onnxruntime_check(args: argparse.Namespace, failures: list[str]) -> dict[str
                 mode=mode,
                 max_new_tokens=8,
                 sampling=SamplingParams(temperature=0.0),
-                config=SSDConfig(k=4),
+                config=SSDConfig(k=4, adaptive=False),
             )  # warm-up
             dev.stats.clear()
             t = time.perf_counter()
@@ -633,7 +637,7 @@ def onnxruntime_check(args: argparse.Namespace, failures: list[str]) -> dict[str
                 mode=mode,
                 max_new_tokens=args.tokens,
                 sampling=SamplingParams(temperature=0.0),
-                config=SSDConfig(k=4),
+                config=SSDConfig(k=4, adaptive=False),
             )
             wall = time.perf_counter() - t
             ar_tokens = ar_tokens or res.tokens

@@ -1159,6 +1159,7 @@ class Machine:
             verify_row=verify[1] if verify else d.verify_row,
             draft_call=draft[0] if draft else d.draft_call,
             draft_row=draft[1] if draft else d.draft_row,
+            draft_prefill_row=d.draft_prefill_row,
         )
 
     def _wants_draft(self, s: Seq) -> bool:

@@ -79,13 +79,19 @@ class CostModel:
         verify_call: the fixed cost of one target pass.
         verify_row: the extra cost of each verified row.
         draft_call: the fixed cost of one draft pass.
-        draft_row: the extra cost of each drafted row.
+        draft_row: the extra cost of each drafted row (one per sequence in a pass).
+        draft_prefill_row: the extra cost of each of several tokens of one sequence in
+            a pass (catching the draft up with a verified speculation); ``None``: as
+            ``draft_row``. On a CPU it is a fraction of ``draft_row``.
     """
 
     verify_call: float = attrs.field(validator=_nonneg)
     verify_row: float = attrs.field(validator=_nonneg)
     draft_call: float = attrs.field(default=0.0, validator=_nonneg)
     draft_row: float = attrs.field(default=0.0, validator=_nonneg)
+    draft_prefill_row: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_nonneg)
+    )
 
     @classmethod
     def memory_bound(cls) -> CostModel:
@@ -113,7 +119,14 @@ class CostModel:
             verify_row=row,
             draft_call=float(d.per_call),
             draft_row=float(d.per_token),
+            # A prefill rate of 0 is the LatencyModel default: not declared.
+            draft_prefill_row=float(d.prefill_per_token) if d.prefill_per_token > 0 else None,
         )
+
+    @property
+    def draft_glue_row(self) -> float:
+        """One token of a draft catching up with a verified speculation."""
+        return self.draft_row if self.draft_prefill_row is None else self.draft_prefill_row
 
     @property
     def draft_step(self) -> float:
@@ -281,7 +294,7 @@ def choose_budget(
         return 0
     verify = cost.verify_call + cost.verify_row * (n + 1)
     backup = m * cost.draft_step
-    glue = cost.draft_call + cost.draft_row * (n + 1)
+    glue = cost.draft_call + cost.draft_glue_row * (n + 1)
     a = min(max(alpha, 0.0), 1.0)
     outcome = [a**k * (1.0 - a) for k in range(n)] + [a**n]
     best, best_time = 0, verify + backup

@@ -615,12 +615,15 @@ def declared_latency(n_params: int, *, threads: int, offloaded: bool) -> Latency
     and options always declare the same figures).
 
     On a CPU a pass is compute-bound: every row pays about ``2 * n_params`` flops, and a
-    call's fixed part is about 0.3 of a row (measured with SmolLM2-135M Q4_1 on this
-    project's machines: one row 11.0 ms, five rows 45.6 ms at 1 thread); a row is
-    taken as ``2 * n_params / (threads * 2e10)`` seconds. Offloaded to a GPU a pass is
-    memory-bound: the call dominates and a row adds about 5 % of it.
+    call's fixed part is about 0.27 of a row (measured with SmolLM2-135M Q4_1 on this
+    project's machines: one row 11.0 ms, five rows 45.6 ms at 1 thread, so a row is
+    8.65 ms): a row is taken as ``2 * n_params / (threads * 3.1e10)`` seconds. Several
+    tokens of one sequence in a pass (a prompt, or catching a draft up with a verified
+    speculation) cost about a third of that each (7 tokens in 18.5 ms, measured the
+    same way). Offloaded to a GPU a pass is memory-bound: the call dominates and a row
+    adds about 5 % of it.
     """
-    row = 2.0 * n_params / (max(threads, 1) * 2.0e10)
+    row = 2.0 * n_params / (max(threads, 1) * 3.1e10)
     if offloaded:
         return LatencyModel(per_call=row, per_token=0.05 * row, prefill_per_token=0.05 * row)
-    return LatencyModel(per_call=0.3 * row, per_token=row, prefill_per_token=row)
+    return LatencyModel(per_call=0.27 * row, per_token=row, prefill_per_token=row / 3)

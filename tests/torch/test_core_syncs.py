@@ -172,7 +172,7 @@ def test_bad_draft_logits_on_the_device_degrade(th, temperature, at):
         mode="ssd",
         max_new_tokens=16,
         sampling=SamplingParams(temperature=temperature),
-        config=SSDConfig(k=3, fanout=4, fallback="neural"),
+        config=SSDConfig(k=3, fanout=4, fallback="neural", adaptive=False),
         driver="sequential",
         seed=3,
     )
