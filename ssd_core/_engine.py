@@ -502,6 +502,11 @@ class Engine:
             draft_name=str(getattr(draft, "name", "draft")),
             on_draft_error=on_draft_error,
             cost=CostModel.from_models(target, self._models.get(Lane.DRAFT)),
+            # A nearly free draft runs on the engine's thread: its tree is never hidden
+            # behind a verification. Decided from the draft's declared costs alone --
+            # not the driver, not whether the draft object is the target -- so a
+            # request's tokens never depend on either.
+            overlap=draft is None or not _cheap(draft),
         )
         self._wake: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the machine against metrics() readers

@@ -217,6 +217,10 @@ class Machine:
             ``"degrade"`` (it is lost: see :meth:`lose_draft`).
         cost: the models' declared costs, for ``config.cost == "declared"`` (the
             engine passes :meth:`CostModel.from_models`); default a memory-bound target.
+        overlap: whether the draft's work runs while the target verifies (its own
+            thread or device); ``False`` (a draft the engine runs on its own thread)
+            charges a speculation tree in full, so a tree is built only where its
+            cache hits save more than it costs.
 
     The machine trusts its inputs: :class:`~ssd_core.Engine` validates what users
     give it before anything reaches :meth:`add`.
@@ -236,8 +240,10 @@ class Machine:
         ops: MathOps | None = None,
         on_draft_error: str = "raise",
         cost: CostModel | None = None,
+        overlap: bool = True,
     ) -> None:
         self.mode = mode
+        self.overlap = overlap
         self.config = config
         self.on_draft_error = on_draft_error
         if isinstance(config.cost, CostModel):
@@ -1182,8 +1188,9 @@ class Machine:
             r = stats.power_law_r
             hit = hit_curve(stats.ranks, r)
             value = choose_budget(
-                stats.per_token_acceptance, hit, r, n, self.cost, value, steps=steps
-            )
+                stats.per_token_acceptance, hit, r, n, self.cost, value, steps=steps,
+                overlap=self.overlap,
+            )  # fmt: skip
         return stats.plan(value, n) if n else (value,)
 
     def _saguaro_fan(self, s: Seq, *, backup: bool, length: int) -> tuple[int, ...]:

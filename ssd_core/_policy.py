@@ -271,6 +271,7 @@ def choose_budget(
     most: int,
     *,
     steps: int | None = None,
+    overlap: bool = True,
 ) -> int:
     """The fan-out budget (at most ``most``) that makes an SSD round fastest for an
     ``n``-token speculation, by Saguaro's Theorem 7 with Theorem 12's allocation.
@@ -283,7 +284,9 @@ def choose_budget(
     ``r``) gives that position. The expected tokens per round do not depend on B, so the
     best budget is the one with the shortest expected round; a tenth of the tree's own
     time is charged too (it occupies the draft's device, and on a shared CPU a core), so
-    a tree whose only gain is to hide a nearly free backup is not built. ``steps`` is how many
+    a tree whose only gain is to hide a nearly free backup is not built. Without
+    ``overlap`` (one thread does both lanes' work) the tree is charged in full: a round
+    lasts ``T_verify + T_tree + (1 - p_hit) T_backup``. ``steps`` is how many
     tokens a branch decodes (default ``n``; an empty speculation, n = 0, still caches
     the draft's guesses at the bonus token, each with ``steps`` tokens).
     """
@@ -302,7 +305,10 @@ def choose_budget(
         plan = geometric_fanout(b, n, a, r) if n else (b,)
         p_hit = sum(w * hit(f) for w, f in zip(outcome, plan))
         tree = glue + m * cost.draft_call + cost.draft_row * m * b
-        time = max(verify, tree) + (1.0 - p_hit) * backup + _TREE_WORK * tree
+        if overlap:
+            time = max(verify, tree) + (1.0 - p_hit) * backup + _TREE_WORK * tree
+        else:  # nothing hides the tree: one thread does everything, one after another
+            time = verify + tree + (1.0 - p_hit) * backup
         if time < best_time - 1e-12:
             best, best_time = b, time
     return best

@@ -21,6 +21,7 @@ _KEYS = {
     "context": ("context_size", int),
     "context_size": ("context_size", int),
     "alpha": ("alpha", float),
+    "escape": ("escape", float),
 }
 
 

@@ -21,7 +21,7 @@ def test_is_a_model() -> None:
 
 
 def test_counts_follow_the_longest_suffix() -> None:
-    m = NgramModel(vocab_size=10, max_n=2, alpha=0.5)
+    m = NgramModel(vocab_size=10, max_n=2, alpha=0.5, escape=0.0)
     h = m.open([1, 2, 3, 1, 2])
     row = m.extend([(h, [3])])[0]
     p = np.exp(row)
@@ -33,13 +33,35 @@ def test_counts_follow_the_longest_suffix() -> None:
 
 
 def test_falls_back_to_shorter_suffix_then_unigram_then_uniform() -> None:
-    m = NgramModel(vocab_size=8, max_n=3, alpha=1.0)
+    m = NgramModel(vocab_size=8, max_n=3, alpha=1.0, escape=0.0)
     assert np.allclose(m.logits([]), -math.log(8))
     h = m.open([5, 6, 5])
     p = np.exp(m.extend([(h, [7])])[0])  # 7 never seen before: unigram counts 5:2, 6:1, 7:1
     assert p[5] == pytest.approx(3 / 12) and p[6] == pytest.approx(2 / 12)
     p = np.exp(m.extend([(h, [5])])[0])  # suffix (5,) was followed by 6 and 7
     assert p[6] == pytest.approx(2 / 10) and p[7] == pytest.approx(2 / 10)
+
+
+@pytest.mark.parametrize(("history", "n", "e"), [
+    ([9, 1, 2, 9], 1, 3.0),  # (9,) followed by 1 once: top 1 / (1 + 3) ~ 0.25
+    ([8, 9, 1, 2, 8, 9], 2, 0.75),  # (8, 9) followed by 1 once: ~ 0.57
+    ([7, 8, 9, 1, 2, 7, 8, 9], 3, 0.1875),  # (7, 8, 9) followed by 1 once: ~ 0.84
+])  # fmt: skip
+def test_the_escape_mass_shrinks_with_the_match_length(history, n, e) -> None:
+    """A follower seen once is trusted more the longer the match it followed, so the
+    row's top probability can say how often the draft is right."""
+    v = 1000
+    m = NgramModel(vocab_size=v, max_n=3, alpha=1e-12)
+    h = m.open(history[:-1])
+    p = np.exp(m.extend([(h, history[-1:])])[0])
+    assert m.match_length(h) == n
+    assert p[1] == pytest.approx((1 + e / v) / (1 + e), rel=1e-6)
+    assert p[5] == pytest.approx((e / v) / (1 + e), rel=1e-6)  # the rest, spread evenly
+    assert p.sum() == pytest.approx(1.0)
+    fork = m.fork(h, len(history))  # a fork finds its matches by scanning: same rows
+    assert np.array_equal(m.extend([(fork, [1])])[0], m.extend([(h, [1])])[0])
+    with pytest.raises(ConfigError):
+        NgramModel(vocab_size=10, escape=-1.0)
 
 
 def test_every_token_has_positive_probability() -> None:
