@@ -33,6 +33,7 @@ from ._fanout import (
     default_budget,
     default_saguaro_c,
     geometric_fanout,
+    outcome_fanout,
     uniform_fanout,
 )
 from ._latency import LatencyModel
@@ -92,6 +93,7 @@ __all__ = [
     "default_budget",
     "default_saguaro_c",
     "geometric_fanout",
+    "outcome_fanout",
     "uniform_fanout",
     "model_lock",
     "stream",

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 
 from ._errors import ConfigError, InputError
 
@@ -51,6 +52,7 @@ __all__ = [
     "default_budget",
     "default_saguaro_c",
     "geometric_fanout",
+    "outcome_fanout",
     "uniform_fanout",
 ]
 
@@ -95,6 +97,31 @@ def geometric_fanout(budget: int, k: int, accept_rate: float, r: float) -> tuple
     out = [math.floor(x) for x in exact]
     rest = budget - sum(out)
     by_remainder = sorted(range(k + 1), key=lambda j: (out[j] - exact[j], j))
+    for j in by_remainder[:rest]:
+        out[j] += 1
+    return tuple(out)
+
+
+def outcome_fanout(budget: int, probs: Sequence[float], r: float) -> tuple[int, ...]:
+    """Thm 12 for any outcome distribution: maximising ``sum_k P_k (1 - F_k^(-r))``
+    under ``sum_k F_k = B`` gives ``F_k ~ P_k^(1 / (1 + r))`` (the geometric rule is the
+    case ``P_k = a^k (1 - a)``); integers by largest remainder.
+
+    Args:
+        budget: B >= 0.
+        probs: P_0..P_K, the chance of each verification outcome ("k accepted").
+        r: power-law exponent > 0 (clamped below at 1e-3).
+    """
+    n = len(probs)
+    if budget <= 0:
+        return (0,) * n
+    e = 1.0 / (1.0 + max(r, 1e-3))
+    raw = [max(p, 1e-9) ** e for p in probs]
+    scale = budget / sum(raw)
+    exact = [x * scale for x in raw]
+    out = [math.floor(x) for x in exact]
+    rest = budget - sum(out)
+    by_remainder = sorted(range(n), key=lambda j: (out[j] - exact[j], j))
     for j in by_remainder[:rest]:
         out[j] += 1
     return tuple(out)
@@ -201,6 +228,10 @@ class OutcomeStats:
         self.proposed = 0
         self.accepted = 0
         self.rejections = 0
+        # Per draft position j: rounds that tried it (every earlier one accepted) and
+        # rounds that accepted it -- the outcome distribution need not be geometric.
+        self._tried: list[int] = []
+        self._kept: list[int] = []
         self.ranks: deque[int] = deque(maxlen=window)
         # _hist[j] = ranks in the window equal to j + 1 (j < MAX_FIT_FANOUT); the last
         # bucket pools every rank above MAX_FIT_FANOUT.
@@ -223,6 +254,13 @@ class OutcomeStats:
         self.proposed += proposed
         if accepted < proposed:
             self.rejections += 1
+        tried = min(accepted + 1, proposed)
+        while len(self._tried) < tried:
+            self._tried.append(0)
+            self._kept.append(0)
+        for j in range(tried):
+            self._tried[j] += 1
+            self._kept[j] += j < accepted
         if rank is not None:
             if len(self.ranks) == self.ranks.maxlen:
                 self._hist[self._bucket(self.ranks[0])] -= 1
@@ -240,6 +278,25 @@ class OutcomeStats:
         """Thm 12's ``a``: accepted / (accepted + rejections), blended with the prior."""
         w = self.prior_weight
         return (self.accepted + w * self.prior_acceptance) / (self.accepted + self.rejections + w)
+
+    def acceptance_at(self, j: int) -> float:
+        """The chance that draft position ``j`` is accepted given every earlier one was:
+        this request's own count there, shrunk toward :attr:`per_token_acceptance` by
+        ``prior_weight`` pseudo-observations."""
+        w, a = self.prior_weight, self.per_token_acceptance
+        if j >= len(self._tried):
+            return a
+        return (self._kept[j] + w * a) / (self._tried[j] + w)
+
+    def outcome_probs(self, k: int) -> list[float]:
+        """P_0..P_K of "k accepted" for a K-token speculation, from the acceptance at
+        each position (geometric when every position accepts alike)."""
+        probs, survive = [], 1.0
+        for j in range(k):
+            a = min(max(self.acceptance_at(j), 0.0), 1.0)
+            probs.append(survive * (1.0 - a))
+            survive *= a
+        return [*probs, survive]
 
     @property
     def accepted_fraction(self) -> float:
@@ -272,11 +329,11 @@ class OutcomeStats:
         return min(max(num / _SUM_LOG_F2, 0.1), 10.0)
 
     def plan(self, budget: int, k: int) -> tuple[int, ...]:
-        """F_0..F_K for budget B (Thm 12 with the current estimates); cached until the
-        next observation."""
+        """F_0..F_K for budget B: Thm 12's allocation for this request's measured outcome
+        distribution (:meth:`outcome_probs`); cached until the next observation."""
         key = (budget, k)
         plan = self._plans.get(key)
         if plan is None:
-            plan = geometric_fanout(budget, k, self.per_token_acceptance, self.power_law_r)
+            plan = outcome_fanout(budget, self.outcome_probs(k), self.power_law_r)
             self._plans[key] = plan
         return plan

@@ -1188,7 +1188,7 @@ class Machine:
             r = stats.power_law_r
             hit = hit_curve(stats.ranks, r)
             value = choose_budget(
-                stats.per_token_acceptance, hit, r, n, self.cost, value, steps=steps,
+                stats.outcome_probs(n), hit, r, n, self.cost, value, steps=steps,
                 overlap=self.overlap,
             )  # fmt: skip
         return stats.plan(value, n) if n else (value,)

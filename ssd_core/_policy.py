@@ -263,7 +263,7 @@ def hit_curve(ranks: Sequence[int], r: float) -> Callable[[int], float]:
 
 
 def choose_budget(
-    alpha: float,
+    outcome: Sequence[float],
     hit: Callable[[int], float],
     r: float,
     n: int,
@@ -279,9 +279,8 @@ def choose_budget(
     A round lasts ``max(T_verify, T_tree(B))`` -- the tree is drafted while the target
     verifies, and the next round cannot start before both -- plus, on a cache miss
     (probability ``1 - p_hit(B)``), a just-in-time draft ``T_backup``. ``p_hit`` sums,
-    over the outcomes "k accepted" (probability ``alpha^k (1 - alpha)``, ``alpha^n`` for
-    all), the hit rate ``hit(F_k)`` of the fan-out the geometric rule (with exponent
-    ``r``) gives that position. The expected tokens per round do not depend on B, so the
+    over the outcomes "k accepted" (probabilities ``outcome``, P_0..P_n), the hit rate
+    ``hit(F_k)`` of the fan-out Thm 12 (with exponent ``r``) gives that outcome. The expected tokens per round do not depend on B, so the
     best budget is the one with the shortest expected round; a tenth of the tree's own
     time is charged too (it occupies the draft's device, and on a shared CPU a core), so
     a tree whose only gain is to hide a nearly free backup is not built. Without
@@ -290,7 +289,7 @@ def choose_budget(
     tokens a branch decodes (default ``n``; an empty speculation, n = 0, still caches
     the draft's guesses at the bonus token, each with ``steps`` tokens).
     """
-    from ._fanout import geometric_fanout
+    from ._fanout import outcome_fanout
 
     m = n if steps is None else steps
     if most <= 0 or m <= 0:
@@ -298,11 +297,9 @@ def choose_budget(
     verify = cost.verify_call + cost.verify_row * (n + 1)
     backup = m * cost.draft_step
     glue = cost.draft_call + cost.draft_glue_row * (n + 1)
-    a = min(max(alpha, 0.0), 1.0)
-    outcome = [a**k * (1.0 - a) for k in range(n)] + [a**n]
     best, best_time = 0, verify + backup
     for b in range(1, most + 1):
-        plan = geometric_fanout(b, n, a, r) if n else (b,)
+        plan = outcome_fanout(b, outcome, r) if n else (b,)
         p_hit = sum(w * hit(f) for w, f in zip(outcome, plan))
         tree = glue + m * cost.draft_call + cost.draft_row * m * b
         if overlap:

@@ -16,6 +16,7 @@ from ssd_core import (
     default_budget,
     default_saguaro_c,
     geometric_fanout,
+    outcome_fanout,
     uniform_fanout,
 )
 
@@ -203,3 +204,33 @@ def test_default_saguaro_c_by_temperature():
     for bad in (-0.1, float("nan"), float("inf"), "1"):
         with pytest.raises(ConfigError):
             default_saguaro_c(bad)
+
+
+@given(st.integers(0, 64), st.integers(1, 8), st.floats(0.02, 0.98), st.floats(0.05, 10))
+def test_thm12_for_a_geometric_outcome_is_the_geometric_rule(budget, k, a, r):
+    probs = [a**j * (1 - a) for j in range(k)] + [a**k]
+    plan = outcome_fanout(budget, probs, r)
+    assert sum(plan) == budget and len(plan) == k + 1
+    assert plan == geometric_fanout(budget, k, a, r)
+
+
+def test_outcome_probs_follow_each_positions_own_acceptance():
+    s = OutcomeStats(prior_acceptance=0.5, prior_weight=1e-6)
+    for _ in range(100):  # the first position is always rejected ...
+        s.observe(0, 4, None)
+    for _ in range(100):  # ... or always accepted, and then everything is
+        s.observe(4, 4, None)
+    probs = s.outcome_probs(4)
+    assert probs[0] == pytest.approx(0.5, abs=1e-3)
+    assert probs[4] == pytest.approx(0.5, abs=1e-3)
+    assert sum(probs[1:4]) == pytest.approx(0.0, abs=1e-3)
+    assert sum(probs) == pytest.approx(1.0)
+    # A geometric fit of the same rounds (a = 400 / 500) would spread the middle.
+    plan = s.plan(10, 4)
+    assert plan[1] == plan[2] == plan[3] == 0 and plan[0] + plan[4] == 10
+
+
+def test_positions_never_tried_use_the_pooled_acceptance():
+    s = OutcomeStats(prior_acceptance=0.8)
+    s.observe(1, 2, None)
+    assert s.acceptance_at(5) == s.per_token_acceptance
