@@ -87,19 +87,8 @@ def geometric_fanout(budget: int, k: int, accept_rate: float, r: float) -> tuple
     Returns:
         K + 1 non-negative ints whose sum is ``budget``.
     """
-    if budget <= 0:
-        return (0,) * (k + 1)
     a = min(max(accept_rate, 0.01), 0.99)
-    e = 1.0 / (1.0 + max(r, 1e-3))
-    raw = [a ** (j * e) for j in range(k)] + [a ** (k * e) * (1.0 - a) ** (-e)]
-    scale = budget / sum(raw)
-    exact = [x * scale for x in raw]
-    out = [math.floor(x) for x in exact]
-    rest = budget - sum(out)
-    by_remainder = sorted(range(k + 1), key=lambda j: (out[j] - exact[j], j))
-    for j in by_remainder[:rest]:
-        out[j] += 1
-    return tuple(out)
+    return outcome_fanout(budget, [a**j * (1.0 - a) for j in range(k)] + [a**k], r)
 
 
 def outcome_fanout(budget: int, probs: Sequence[float], r: float) -> tuple[int, ...]:
